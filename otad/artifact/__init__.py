@@ -1,0 +1,1 @@
+"""The Mender Artifact v3 format: reading, verifying, writing and signing artifacts."""

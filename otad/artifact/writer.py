@@ -1,0 +1,349 @@
+"""Writing Mender Artifact v3 files: rootfs-image, module-image and bootstrap.
+
+The writer reads each payload file twice: once to learn its size, SHA-256 and chunk
+index (which go into the signed header, ahead of the data), and once to stream it into
+the compressed data archive, hashing again to catch a file that changed in between.
+Output goes to a temporary file beside the target and is renamed into place only when
+complete, so a failed write never leaves a partial artifact behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from otad.artifact.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    PREFIX,
+    ChunkHasher,
+    ChunkIndex,
+    promise_to_meta_data,
+)
+from otad.artifact.compression import CompressingWriter, Compression
+from otad.artifact.headers import (
+    ROOTFS_IMAGE,
+    DependsValue,
+    FormatVersion,
+    HeaderInfo,
+    Manifest,
+    MetaDataValue,
+    TypeInfo,
+    check_meta_data,
+    compact_json,
+    is_state_script_name,
+)
+from otad.artifact.release import check_version, software_version_key
+from otad.artifact.signing import Signer
+from otad.artifact.streams import BLOCK_SIZE
+from otad.artifact.tarwrite import TarWriter
+from otad.errors import EnvironmentProblem, MalformedArtifact, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """What goes into the one payload of an artifact.
+
+    `type` is rootfs-image, an update module's name, or None for an empty (bootstrap)
+    payload. `chunk_size` asks for a chunk index of the first file.
+    """
+
+    type: str | None
+    files: tuple[Path, ...] = ()
+    provides: Mapping[str, str] = field(default_factory=dict)
+    depends: Mapping[str, DependsValue] = field(default_factory=dict)
+    clears_provides: tuple[str, ...] | None = None
+    meta_data: Mapping[str, MetaDataValue] = field(default_factory=dict)
+    chunk_size: int | None = None
+    software_version: str | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """The artifact-wide fields of header-info, and how to write and sign it."""
+
+    name: str
+    device_types: tuple[str, ...]
+    payload: PayloadSpec
+    group: str | None = None
+    depends_names: tuple[str, ...] = ()
+    depends_groups: tuple[str, ...] = ()
+    scripts: tuple[Path, ...] = ()
+    compression: Compression = Compression.GZIP
+    signer: Signer | None = None
+    mtime: int = 0
+
+
+def rootfs_image(
+    file: Path,
+    *,
+    software_version: str | None,
+    provides: Mapping[str, str] | None = None,
+    depends: Mapping[str, DependsValue] | None = None,
+    clears_provides: Sequence[str] | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> PayloadSpec:
+    """A full root filesystem image payload, with Mender's default provides."""
+    return PayloadSpec(
+        type=ROOTFS_IMAGE,
+        files=(file,),
+        provides=dict(provides or {}),
+        depends=dict(depends or {}),
+        clears_provides=tuple(
+            clears_provides
+            if clears_provides is not None
+            else ("artifact_group", "rootfs_image_checksum", "rootfs-image.*")
+        ),
+        chunk_size=chunk_size,
+        software_version=software_version,
+    )
+
+
+def module_image(
+    module: str,
+    files: Sequence[Path],
+    *,
+    software_version: str | None,
+    meta_data: Mapping[str, MetaDataValue] | None = None,
+    provides: Mapping[str, str] | None = None,
+    depends: Mapping[str, DependsValue] | None = None,
+    clears_provides: Sequence[str] | None = None,
+) -> PayloadSpec:
+    """A payload for the update module `module` (several files and meta-data)."""
+    if not module or "/" in module:
+        raise UsageError(f"module type {module!r} must be a non-empty name without '/'")
+    return PayloadSpec(
+        type=module,
+        files=tuple(files),
+        provides=dict(provides or {}),
+        depends=dict(depends or {}),
+        clears_provides=tuple(
+            clears_provides if clears_provides is not None else (f"rootfs-image.{module}.*",)
+        ),
+        meta_data=dict(meta_data or {}),
+        software_version=software_version,
+    )
+
+
+def bootstrap(
+    provides: Mapping[str, str] | None = None,
+    depends: Mapping[str, DependsValue] | None = None,
+    clears_provides: Sequence[str] | None = None,
+) -> PayloadSpec:
+    """An empty payload: records provides on a device without installing anything."""
+    return PayloadSpec(
+        type=None,
+        provides=dict(provides or {}),
+        depends=dict(depends or {}),
+        clears_provides=None if clears_provides is None else tuple(clears_provides),
+    )
+
+
+@dataclass(frozen=True)
+class _ScannedFile:
+    path: Path
+    name: str
+    size: int
+    sha256: str
+    chunk_index: ChunkIndex | None
+
+
+@dataclass(frozen=True)
+class WrittenArtifact:
+    path: Path
+    manifest: Manifest
+    size: int
+
+
+def _scan(path: Path, name: str, chunk_size: int | None) -> _ScannedFile:
+    whole = hashlib.sha256()
+    chunks = ChunkHasher(chunk_size) if chunk_size else None
+    size = 0
+    buffer = memoryview(bytearray(BLOCK_SIZE))
+    with _open_input(path) as stream:
+        while count := stream.readinto(buffer):
+            whole.update(buffer[:count])
+            if chunks is not None:
+                chunks.update(buffer[:count])
+            size += count
+    return _ScannedFile(path, name, size, whole.hexdigest(), chunks.finish() if chunks else None)
+
+
+def _open_input(path: Path) -> io.BufferedReader:
+    try:
+        if not path.is_file():
+            raise UsageError(f"payload file {path} is not a regular file")
+        return path.open("rb")
+    except OSError as error:
+        raise EnvironmentProblem(f"cannot read payload file {path}: {error.strerror}") from None
+
+
+def _check_spec(spec: ArtifactSpec) -> None:
+    if not spec.name or any(c.isspace() for c in spec.name):
+        raise UsageError(f"artifact name {spec.name!r} must be non-empty, without white space")
+    if not spec.device_types or not all(spec.device_types):
+        raise UsageError("at least one device type is required (-t)")
+    payload = spec.payload
+    names = [path.name for path in payload.files]
+    if len(set(names)) != len(names):
+        raise UsageError(f"payload file names must be unique, found {sorted(names)}")
+    if payload.type == ROOTFS_IMAGE and len(payload.files) != 1:
+        raise UsageError(f"a rootfs-image takes exactly one file, {len(payload.files)} given")
+    if payload.type is None and (payload.files or payload.meta_data):
+        raise UsageError("a bootstrap artifact carries no files and no meta-data")
+    reserved = [key for key in payload.meta_data if key.startswith(PREFIX)]
+    if reserved:
+        raise UsageError(f"meta-data keys starting with {PREFIX!r} are reserved: {reserved}")
+    try:
+        check_meta_data(payload.meta_data, "meta-data")
+    except MalformedArtifact as error:
+        raise UsageError(str(error)) from None
+    for script in spec.scripts:
+        if not is_state_script_name(script.name):
+            raise UsageError(
+                f"state script {script} must be named like ArtifactInstall_Enter_00[_comment]"
+            )
+    if payload.software_version is not None:
+        check_version(payload.software_version)
+
+
+def _type_info(payload: PayloadSpec, files: Sequence[_ScannedFile]) -> TypeInfo:
+    provides = dict(payload.provides)
+    if payload.type is not None and payload.software_version is not None:
+        provides.setdefault(software_version_key(payload.type), payload.software_version)
+    if payload.type == ROOTFS_IMAGE:
+        provides.setdefault(f"{ROOTFS_IMAGE}.checksum", files[0].sha256)
+    return TypeInfo(payload.type, provides, dict(payload.depends), payload.clears_provides)
+
+
+def _header_tar(spec: ArtifactSpec, files: Sequence[_ScannedFile]) -> bytes:
+    payload = spec.payload
+    info = HeaderInfo(
+        payload_types=(payload.type,),
+        artifact_name=spec.name,
+        artifact_group=spec.group,
+        compatible_devices=spec.device_types,
+        depends_artifact_names=spec.depends_names,
+        depends_groups=spec.depends_groups,
+    )
+    meta: dict[str, MetaDataValue] = dict(payload.meta_data)
+    if payload.type is not None and files:
+        sizes = {scanned.name: scanned.size for scanned in files}
+        meta.update(promise_to_meta_data(sizes, files[0].chunk_index))
+    raw = io.BytesIO()
+    tar = TarWriter(raw, spec.mtime)
+    tar.add_bytes("header-info", info.serialize())
+    for script in spec.scripts:
+        tar.add_bytes(f"scripts/{script.name}", _read_small(script))
+    tar.add_bytes("headers/0000/type-info", _type_info(payload, files).serialize())
+    if meta:
+        tar.add_bytes("headers/0000/meta-data", compact_json(meta))
+    tar.close()
+    compressed = io.BytesIO()
+    writer = CompressingWriter(compressed, spec.compression)
+    writer.write(raw.getvalue())
+    writer.finish()
+    return compressed.getvalue()
+
+
+def _read_small(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise EnvironmentProblem(f"cannot read {path}: {error.strerror}") from None
+
+
+def _write_data(out: BinaryIO, spec: ArtifactSpec, files: Sequence[_ScannedFile]) -> None:
+    """Stream the payload files into the compressed data archive, checking each again."""
+    compressor = CompressingWriter(out, spec.compression)
+    inner = TarWriter(compressor, spec.mtime)  # type: ignore[arg-type]
+    for scanned in files:
+        with _open_input(scanned.path) as stream:
+            hashing = _HashingReader(stream)
+            inner.add_stream(scanned.name, scanned.size, hashing)
+            if hashing.sha256.hexdigest() != scanned.sha256 or stream.read(1):
+                raise EnvironmentProblem(f"payload file {scanned.path} changed while being written")
+    inner.close()
+    compressor.finish()
+
+
+class _HashingReader:
+    def __init__(self, stream: io.BufferedReader) -> None:
+        self._stream = stream
+        self.sha256 = hashlib.sha256()
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        count = self._stream.readinto(buffer)
+        self.sha256.update(buffer[:count])
+        return count
+
+
+def write_artifact(spec: ArtifactSpec, output: Path) -> WrittenArtifact:
+    """Write the artifact `spec` describes to `output`, atomically."""
+    _check_spec(spec)
+    payload = spec.payload
+    files = []
+    for index, path in enumerate(payload.files):
+        log.info("hashing %s", path)
+        chunk_size = payload.chunk_size if index == 0 and payload.type == ROOTFS_IMAGE else None
+        files.append(_scan(path, path.name, chunk_size))
+    header = _header_tar(spec, files)
+    suffix = spec.compression.suffix
+    header_name = f"header.tar{suffix}"
+    version = FormatVersion().serialize()
+    checksums = {
+        "version": hashlib.sha256(version).hexdigest(),
+        header_name: hashlib.sha256(header).hexdigest(),
+    }
+    checksums.update({f"data/0000/{scanned.name}": scanned.sha256 for scanned in files})
+    manifest = Manifest(checksums)
+    raw_manifest = manifest.serialize()
+
+    directory = output.parent
+    try:
+        handle = tempfile.NamedTemporaryFile(
+            dir=directory, prefix=f".{output.name}.", suffix=".tmp", delete=False
+        )
+    except OSError as error:
+        raise EnvironmentProblem(f"cannot write into {directory}: {error.strerror}") from None
+    temporary = Path(handle.name)
+    try:
+        with handle:
+            tar = TarWriter(handle, spec.mtime)  # type: ignore[arg-type]
+            tar.add_bytes("version", version)
+            tar.add_bytes("manifest", raw_manifest)
+            if spec.signer is not None:
+                tar.add_bytes("manifest.sig", spec.signer.sign(raw_manifest))
+            tar.add_bytes(header_name, header)
+            # Like mender-artifact, an empty payload still gets an (empty) data archive.
+            log.info("writing payload data (%s)", spec.compression.value)
+            offset = tar.reserve()
+            _write_data(handle, spec, files)  # type: ignore[arg-type]
+            tar.complete(offset, f"data/0000.tar{suffix}")
+            tar.close()
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o644)
+            os.fsync(handle.fileno())
+            size = handle.tell()
+        os.replace(temporary, output)
+        _fsync_directory(directory)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return WrittenArtifact(output, manifest, size)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

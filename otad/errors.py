@@ -1,0 +1,104 @@
+"""The exception hierarchy of otad.
+
+Every error that otad raises on purpose derives from OtadError. The tree is split by who
+is to blame: the artifact (ArtifactError), the keys and signatures (SignatureError), the
+person calling a command (UsageError) or the machine (EnvironmentProblem). Messages say
+what was expected and what was found; the edges (CLI, D-Bus) print them as one line.
+"""
+
+from __future__ import annotations
+
+
+class OtadError(Exception):
+    """Root of every error otad raises on purpose."""
+
+
+class UsageError(OtadError):
+    """The caller asked for something that cannot be done as asked."""
+
+
+class EnvironmentProblem(OtadError):
+    """The machine is missing something (a file, a tool, a permission)."""
+
+
+class ArtifactError(OtadError):
+    """The artifact is not a valid, trustworthy Mender Artifact v3."""
+
+
+class UnknownFormat(ArtifactError):
+    """The `version` member names a format or version otad does not read."""
+
+
+class TruncatedArtifact(ArtifactError):
+    """The artifact, or a member inside it, ends before its declared end."""
+
+
+class MalformedArtifact(ArtifactError):
+    """A member is present but cannot be parsed (bad tar header, bad JSON, bad fields)."""
+
+
+class MemberOrderError(ArtifactError):
+    """Members are missing, repeated, out of order or not allowed at all."""
+
+
+class UnexpectedMember(MemberOrderError):
+    """A member the format does not allow at this place, or one the manifest does not list."""
+
+
+class MissingMember(MemberOrderError):
+    """A member the format or the manifest requires is absent."""
+
+
+class UnsafePath(ArtifactError):
+    """A name inside the artifact is absolute or climbs out of its directory."""
+
+
+class LimitExceeded(ArtifactError):
+    """A member is larger than a sane bound or than what the signed header promises."""
+
+
+class ChecksumMismatch(ArtifactError):
+    """A member's SHA-256 differs from the one the manifest lists."""
+
+    def __init__(self, name: str, expected: str, found: str) -> None:
+        super().__init__(f"checksum of {name} is {found}, the manifest says {expected}")
+        self.name = name
+        self.expected = expected
+        self.found = found
+
+
+class ChunkMismatch(ArtifactError):
+    """A payload chunk's SHA-256 differs from the signed chunk index."""
+
+    def __init__(self, name: str, index: int, expected: str, found: str) -> None:
+        super().__init__(
+            f"chunk {index} of {name} has checksum {found}, the signed chunk index says {expected}"
+        )
+        self.name = name
+        self.index = index
+        self.expected = expected
+        self.found = found
+
+
+class CompressionError(ArtifactError):
+    """A compressed member is corrupt or uses a compression otad does not know."""
+
+
+class UnsupportedFeature(ArtifactError):
+    """A valid artifact uses a feature otad deliberately does not accept."""
+
+
+class SignatureError(ArtifactError):
+    """The artifact's signature is missing, malformed or made by an untrusted key."""
+
+
+class MissingSignature(SignatureError):
+    """A trusted key is required but the artifact carries no manifest.sig."""
+
+
+class BadSignature(SignatureError):
+    """manifest.sig does not verify with any trusted key."""
+
+
+class KeyProblem(OtadError):
+    """A key file cannot be used: unreadable, unknown type or too weak."""

@@ -9,12 +9,18 @@ lets `reserve()` leave room for a member whose size is known only after it is wr
 from __future__ import annotations
 
 import tarfile
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, cast
 
 from otad.artifact.streams import BLOCK_SIZE, Readable, read_into_fully
 from otad.errors import EnvironmentProblem
 
 BLOCK = 512
+
+
+class Sink(Protocol):
+    """Anything bytes can be written to: a file, or a compressing writer."""
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
 
 
 def member_header(name: str, size: int, mtime: int) -> bytes:
@@ -29,9 +35,12 @@ def member_header(name: str, size: int, mtime: int) -> bytes:
 
 
 class TarWriter:
-    """Appends members to `out` and ends the archive with two zero blocks."""
+    """Appends members to `out` and ends the archive with two zero blocks.
 
-    def __init__(self, out: BinaryIO, mtime: int = 0) -> None:
+    `reserve()` and `complete()` need `out` to be a seekable file.
+    """
+
+    def __init__(self, out: Sink, mtime: int = 0) -> None:
         self._out = out
         self._mtime = mtime
 
@@ -55,22 +64,23 @@ class TarWriter:
 
     def reserve(self) -> int:
         """Leave a header block to fill in later with `complete()`; return its offset."""
-        offset = self._out.tell()
-        self._out.write(bytes(BLOCK))
+        out = cast(BinaryIO, self._out)
+        offset = out.tell()
+        out.write(bytes(BLOCK))
         return offset
 
     def complete(self, offset: int, name: str) -> None:
         """Finish the member reserved at `offset`, whose data has just been written."""
-        end = self._out.tell()
-        size = end - offset - BLOCK
+        out = cast(BinaryIO, self._out)
+        size = out.tell() - offset - BLOCK
         header = member_header(name, size, self._mtime)
         if len(header) != BLOCK:
             raise ValueError(f"member name {name!r} needs a long-name header")
         self._pad(size)
-        resume = self._out.tell()
-        self._out.seek(offset)
-        self._out.write(header)
-        self._out.seek(resume)
+        resume = out.tell()
+        out.seek(offset)
+        out.write(header)
+        out.seek(resume)
 
     def close(self) -> None:
         self._out.write(bytes(2 * BLOCK))

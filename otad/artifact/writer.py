@@ -9,12 +9,13 @@ complete, so a failed write never leaves a partial artifact behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -39,9 +40,11 @@ from otad.artifact.headers import (
     compact_json,
     is_state_script_name,
 )
+from otad.artifact.reader import SignatureStatus, verify_artifact
 from otad.artifact.release import check_version, software_version_key
 from otad.artifact.signing import Signer
 from otad.artifact.streams import BLOCK_SIZE
+from otad.artifact.tarstream import TarReader
 from otad.artifact.tarwrite import TarWriter
 from otad.errors import EnvironmentProblem, MalformedArtifact, UsageError
 
@@ -53,7 +56,8 @@ class PayloadSpec:
     """What goes into the one payload of an artifact.
 
     `type` is rootfs-image, an update module's name, or None for an empty (bootstrap)
-    payload. `chunk_size` asks for a chunk index of the first file.
+    payload. `chunk_size` asks for a chunk index of the first file; `checksum_provide`
+    adds the first file's SHA-256 as the rootfs-image.checksum provide.
     """
 
     type: str | None
@@ -64,6 +68,7 @@ class PayloadSpec:
     meta_data: Mapping[str, MetaDataValue] = field(default_factory=dict)
     chunk_size: int | None = None
     software_version: str | None = None
+    checksum_provide: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ def rootfs_image(
     depends: Mapping[str, DependsValue] | None = None,
     clears_provides: Sequence[str] | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    checksum_provide: bool = True,
 ) -> PayloadSpec:
     """A full root filesystem image payload, with Mender's default provides."""
     return PayloadSpec(
@@ -104,6 +110,7 @@ def rootfs_image(
         ),
         chunk_size=chunk_size,
         software_version=software_version,
+        checksum_provide=checksum_provide,
     )
 
 
@@ -219,7 +226,7 @@ def _type_info(payload: PayloadSpec, files: Sequence[_ScannedFile]) -> TypeInfo:
     provides = dict(payload.provides)
     if payload.type is not None and payload.software_version is not None:
         provides.setdefault(software_version_key(payload.type), payload.software_version)
-    if payload.type == ROOTFS_IMAGE:
+    if payload.checksum_provide:
         provides.setdefault(f"{ROOTFS_IMAGE}.checksum", files[0].sha256)
     return TypeInfo(payload.type, provides, dict(payload.depends), payload.clears_provides)
 
@@ -264,7 +271,7 @@ def _read_small(path: Path) -> bytes:
 def _write_data(out: BinaryIO, spec: ArtifactSpec, files: Sequence[_ScannedFile]) -> None:
     """Stream the payload files into the compressed data archive, checking each again."""
     compressor = CompressingWriter(out, spec.compression)
-    inner = TarWriter(compressor, spec.mtime)  # type: ignore[arg-type]
+    inner = TarWriter(compressor, spec.mtime)
     for scanned in files:
         with _open_input(scanned.path) as stream:
             hashing = _HashingReader(stream)
@@ -307,38 +314,43 @@ def write_artifact(spec: ArtifactSpec, output: Path) -> WrittenArtifact:
     manifest = Manifest(checksums)
     raw_manifest = manifest.serialize()
 
+    with _atomic_output(output) as out:
+        tar = TarWriter(out, spec.mtime)
+        tar.add_bytes("version", version)
+        tar.add_bytes("manifest", raw_manifest)
+        if spec.signer is not None:
+            tar.add_bytes("manifest.sig", spec.signer.sign(raw_manifest))
+        tar.add_bytes(header_name, header)
+        # Like mender-artifact, an empty payload still gets an (empty) data archive.
+        log.info("writing payload data (%s)", spec.compression.value)
+        offset = tar.reserve()
+        _write_data(out, spec, files)
+        tar.complete(offset, f"data/0000.tar{suffix}")
+        tar.close()
+        size = out.tell()
+    return WrittenArtifact(output, manifest, size)
+
+
+@contextlib.contextmanager
+def _atomic_output(output: Path) -> Iterator[BinaryIO]:
+    """A file that appears at `output` only if the block completes, fsynced, mode 0644."""
     directory = output.parent
     try:
-        handle = tempfile.NamedTemporaryFile(
-            dir=directory, prefix=f".{output.name}.", suffix=".tmp", delete=False
-        )
+        descriptor, name = tempfile.mkstemp(dir=directory, prefix=f".{output.name}.", suffix=".tmp")
     except OSError as error:
         raise EnvironmentProblem(f"cannot write into {directory}: {error.strerror}") from None
-    temporary = Path(handle.name)
+    temporary = Path(name)
     try:
-        with handle:
-            tar = TarWriter(handle, spec.mtime)  # type: ignore[arg-type]
-            tar.add_bytes("version", version)
-            tar.add_bytes("manifest", raw_manifest)
-            if spec.signer is not None:
-                tar.add_bytes("manifest.sig", spec.signer.sign(raw_manifest))
-            tar.add_bytes(header_name, header)
-            # Like mender-artifact, an empty payload still gets an (empty) data archive.
-            log.info("writing payload data (%s)", spec.compression.value)
-            offset = tar.reserve()
-            _write_data(handle, spec, files)  # type: ignore[arg-type]
-            tar.complete(offset, f"data/0000.tar{suffix}")
-            tar.close()
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o644)
-            os.fsync(handle.fileno())
-            size = handle.tell()
+        with os.fdopen(descriptor, "w+b") as out:
+            yield out
+            out.flush()
+            os.fchmod(out.fileno(), 0o644)
+            os.fsync(out.fileno())
         os.replace(temporary, output)
         _fsync_directory(directory)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    return WrittenArtifact(output, manifest, size)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -347,3 +359,29 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def sign_artifact(source: Path, output: Path, signer: Signer, replace: bool) -> None:
+    """Write `source` to `output` with a new manifest.sig, after checking its integrity.
+
+    The artifact is first read end to end and every checksum verified (otad never signs
+    blindly); the members are then copied unchanged, with the signature placed right
+    after the manifest. An existing signature is replaced only when `replace` is true.
+    """
+    with _open_input(source) as stream:
+        header, _ = verify_artifact(stream)
+    if header.signature is not SignatureStatus.UNSIGNED and not replace:
+        raise UsageError(f"{source} is already signed; pass -F to replace its signature")
+    with _open_input(source) as stream, _atomic_output(output) as out:
+        reader = TarReader(stream, "artifact")
+        tar = TarWriter(out)
+        while (entry := reader.next_entry()) is not None:
+            if entry.name == "manifest.sig":
+                continue
+            if entry.name == "manifest":
+                raw_manifest = reader.read_member(entry.size)
+                tar.add_bytes("manifest", raw_manifest)
+                tar.add_bytes("manifest.sig", signer.sign(raw_manifest))
+            else:
+                tar.add_stream(entry.name, entry.size, reader)
+        tar.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import lzma
 import zlib
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -127,7 +127,9 @@ class _ChunkedDecompressor:
         try:
             return self._readinto(buffer)
         except (zlib.error, lzma.LZMAError) as error:
-            raise CompressionError(f"{self._what}: corrupt {self._compression.value} data: {error}")
+            raise CompressionError(
+                f"{self._what}: corrupt {self._compression.value} data: {error}"
+            ) from None
 
     def _readinto(self, buffer: memoryview) -> int:
         while True:
@@ -138,9 +140,9 @@ class _ChunkedDecompressor:
             if output:
                 buffer[: len(output)] = output
                 return len(output)
-            if not data and self._source_done and self._decoder.needs_input:
-                if not self._decoder.eof:
-                    raise TruncatedArtifact(f"{self._what}: compressed stream ends early")
+            source_exhausted = not data and self._source_done and self._decoder.needs_input
+            if source_exhausted and not self._decoder.eof:
+                raise TruncatedArtifact(f"{self._what}: compressed stream ends early")
 
     def _start_next_member(self) -> bool:
         """After one gzip member or xz stream, start the next; False at the real end.
@@ -174,7 +176,7 @@ class _ZstdDecompressor:
     def __init__(self, source: Readable, what: str) -> None:
         self._what = what
         self._reader = zstandard.ZstdDecompressor().stream_reader(
-            _FileAdapter(source), read_size=_INPUT_SIZE, read_across_frames=True
+            cast(IO[bytes], _FileAdapter(source)), read_size=_INPUT_SIZE, read_across_frames=True
         )
 
     def readinto(self, buffer: memoryview, /) -> int:

@@ -108,5 +108,7 @@ def format_text(description: dict[str, Any]) -> str:
         lines.append("  Files:" if payload["files"] else "  Files: none")
         for item in payload["files"]:
             state = "verified" if item["verified"] else "NOT verified"
-            lines.append(f"    {item['name']}: {item['size']} bytes, sha256 {item['checksum']}, {state}")
+            lines.append(
+                f"    {item['name']}: {item['size']} bytes, sha256 {item['checksum']}, {state}"
+            )
     return "\n".join(lines) + "\n"

@@ -45,6 +45,7 @@ from otad.artifact.streams import (
 )
 from otad.artifact.tarstream import EntryType, TarEntry, TarReader
 from otad.errors import (
+    ArtifactError,
     ChecksumMismatch,
     ChunkMismatch,
     LimitExceeded,
@@ -214,7 +215,9 @@ class PayloadFile:
     def _check_whole(self, whole: hashlib._Hash) -> None:
         found = whole.hexdigest()
         if found != self.checksum:
-            raise ChecksumMismatch(f"data/{self.payload.index:04}/{self.name}", self.checksum, found)
+            raise ChecksumMismatch(
+                f"data/{self.payload.index:04}/{self.name}", self.checksum, found
+            )
         self.verified = True
 
 
@@ -233,6 +236,48 @@ class _Bounded:
             raise LimitExceeded(f"{self._what} decompresses to more than {self._limit} bytes")
         self._left -= count
         return count
+
+
+class _HeaderParts:
+    """Collects the members of header.tar after header-info, enforcing their order:
+    state scripts first, then each payload's type-info and optional meta-data."""
+
+    def __init__(self, member: str, payload_count: int) -> None:
+        self.member = member
+        self.payload_count = payload_count
+        self.scripts: dict[str, bytes] = {}
+        self.type_infos: list[TypeInfo] = []
+        self.metas: list[dict[str, MetaDataValue]] = []
+        self._meta_seen: set[int] = set()
+
+    def add(self, name: str, data: bytes) -> None:
+        member = self.member
+        if name.startswith("scripts/"):
+            if self.type_infos:
+                raise MemberOrderError(f"{member}: script {name!r} after the headers")
+            self._add_script(name, data)
+        elif match := _TYPE_INFO.fullmatch(name):
+            index = int(match.group(1))
+            if index != len(self.type_infos) or index >= self.payload_count:
+                raise MemberOrderError(f"{member}: {name} out of order or without a payload")
+            self.type_infos.append(TypeInfo.parse(data, f"{member}: {name}"))
+            self.metas.append({})
+        elif match := _META_DATA.fullmatch(name):
+            index = int(match.group(1))
+            if index != len(self.type_infos) - 1 or index in self._meta_seen:
+                raise MemberOrderError(f"{member}: {name} repeated or without its type-info")
+            self._meta_seen.add(index)
+            self.metas[index] = parse_meta_data(data, f"{member}: {name}")
+        else:
+            raise UnexpectedMember(f"{member}: unexpected member {name!r}")
+
+    def _add_script(self, name: str, data: bytes) -> None:
+        script = name.removeprefix("scripts/")
+        if "/" in script or not is_state_script_name(script):
+            raise UnexpectedMember(f"{self.member}: {name!r} is not a state script name")
+        if script in self.scripts:
+            raise MalformedArtifact(f"{self.member}: script {script} appears twice")
+        self.scripts[script] = data
 
 
 class ArtifactReader:
@@ -303,9 +348,7 @@ class ArtifactReader:
         )
         self._check_manifest_names(manifest, entry.name, len(payloads))
         self._pending = self._outer.next_entry()
-        self._header = ArtifactHeader(
-            info, payloads, scripts, status, signer, manifest, entry.name
-        )
+        self._header = ArtifactHeader(info, payloads, scripts, status, signer, manifest, entry.name)
         return self._header
 
     def _check_signature(
@@ -313,7 +356,9 @@ class ArtifactReader:
     ) -> tuple[SignatureStatus, Verifier | None]:
         if signature is None:
             if self._policy.is_signature_required:
-                raise MissingSignature("artifact is not signed, but a trusted signature is required")
+                raise MissingSignature(
+                    "artifact is not signed, but a trusted signature is required"
+                )
             return SignatureStatus.UNSIGNED, None
         if not self._policy.keys:
             return SignatureStatus.UNCHECKED, None
@@ -351,53 +396,26 @@ class ArtifactReader:
         info = HeaderInfo.parse(tar.read_member(self._limits.header_file))
         if len(info.payload_types) > MAX_PAYLOADS:
             raise LimitExceeded(f"header-info lists {len(info.payload_types)} payloads")
-        scripts: dict[str, bytes] = {}
-        type_infos: list[TypeInfo] = []
-        metas: list[dict[str, MetaDataValue]] = []
+        parts = _HeaderParts(member, len(info.payload_types))
         while (entry := tar.next_entry()) is not None:
-            name = entry.name
             if entry.type is EntryType.DIRECTORY:
-                if not _HEADER_DIRECTORIES.fullmatch(name):
-                    raise UnexpectedMember(f"{member}: unexpected directory {name!r}")
+                if not _HEADER_DIRECTORIES.fullmatch(entry.name):
+                    raise UnexpectedMember(f"{member}: unexpected directory {entry.name!r}")
                 continue
-            data = tar.read_member(self._limits.header_file)
-            if name.startswith("scripts/"):
-                if type_infos:
-                    raise MemberOrderError(f"{member}: script {name!r} after the headers")
-                self._add_script(scripts, name, data, member)
-            elif match := _TYPE_INFO.fullmatch(name):
-                if int(match.group(1)) != len(type_infos) or len(type_infos) == len(
-                    info.payload_types
-                ):
-                    raise MemberOrderError(f"{member}: {name} out of order or without a payload")
-                type_infos.append(TypeInfo.parse(data, f"{member}: {name}"))
-                metas.append({})
-            elif match := _META_DATA.fullmatch(name):
-                if int(match.group(1)) != len(type_infos) - 1 or metas[-1]:
-                    raise MemberOrderError(f"{member}: {name} without its type-info before it")
-                metas[-1] = parse_meta_data(data, f"{member}: {name}") or {}
-            else:
-                raise UnexpectedMember(f"{member}: unexpected member {name!r}")
+            parts.add(entry.name, tar.read_member(self._limits.header_file))
         tar.check_trailer()
-        if len(type_infos) != len(info.payload_types):
+        if len(parts.type_infos) != len(info.payload_types):
             raise MissingMember(
                 f"{member}: header-info lists {len(info.payload_types)} payloads, "
-                f"type-info found for {len(type_infos)}"
+                f"type-info found for {len(parts.type_infos)}"
             )
         payloads = tuple(
             self._make_payload(index, info, type_info, meta, manifest, member)
-            for index, (type_info, meta) in enumerate(zip(type_infos, metas, strict=True))
+            for index, (type_info, meta) in enumerate(
+                zip(parts.type_infos, parts.metas, strict=True)
+            )
         )
-        return info, payloads, scripts
-
-    @staticmethod
-    def _add_script(scripts: dict[str, bytes], name: str, data: bytes, member: str) -> None:
-        script = name.removeprefix("scripts/")
-        if "/" in script or not is_state_script_name(script):
-            raise UnexpectedMember(f"{member}: {name!r} is not a state script name")
-        if script in scripts:
-            raise MalformedArtifact(f"{member}: script {script} appears twice")
-        scripts[script] = data
+        return info, payloads, parts.scripts
 
     @staticmethod
     def _make_payload(
@@ -460,7 +478,7 @@ class ArtifactReader:
         self._done = True
 
     @staticmethod
-    def _misplaced(name: str) -> MemberOrderError:
+    def _misplaced(name: str) -> ArtifactError:
         if name.startswith("header-augment"):
             return UnsupportedFeature(
                 "artifact has header-augment (an augmented or delta artifact); "
@@ -479,7 +497,9 @@ class ArtifactReader:
         try:
             inner = TarReader(prefetcher, member)
             while (file_entry := inner.next_entry()) is not None:
-                payload_file = self._open_payload_file(file_entry, entry, payload, compression, inner)
+                payload_file = self._open_payload_file(
+                    file_entry, entry, payload, compression, inner
+                )
                 yield payload_file
                 payload_file.drain()
                 self._seen.add(f"data/{payload.index:04}/{payload_file.name}")

@@ -19,7 +19,6 @@ import functools
 import re
 
 from debian.debian_support import Version, version_compare
-
 from otad.artifact.headers import ROOTFS_IMAGE, TypeInfo
 from otad.errors import UsageError
 

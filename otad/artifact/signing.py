@@ -19,6 +19,7 @@ import enum
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -150,7 +151,9 @@ def load_signer(path: Path) -> Signer:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as error:
         raise KeyProblem(f"{path} is not an unencrypted PEM private key: {error}") from None
-    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
+    if not isinstance(
+        key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
+    ):
         raise KeyProblem(f"{path}: unsupported key type {type(key).__name__}")
     return Signer(key, _key_type(key, str(path), MIN_SIGNING_RSA_BITS), str(path))
 
@@ -171,6 +174,23 @@ def load_verifier(path: Path) -> Verifier:
     return parse_verifier(_read_key_file(path), str(path))
 
 
+def private_pem(key: PrivateKey) -> bytes:
+    """Unencrypted PEM in the form mender-artifact can load: PKCS#1 for RSA, SEC1 for
+    ECDSA, PKCS#8 for Ed25519 (which has no other form)."""
+    form = (
+        serialization.PrivateFormat.PKCS8
+        if isinstance(key, ed25519.Ed25519PrivateKey)
+        else serialization.PrivateFormat.TraditionalOpenSSL
+    )
+    # Debian's typeshed stubs for cryptography declare private_bytes only on the
+    # *WithSerialization subclasses, which at run time are the same classes.
+    serializable: Any = key
+    pem: bytes = serializable.private_bytes(
+        serialization.Encoding.PEM, form, serialization.NoEncryption()
+    )
+    return pem
+
+
 def public_pem(signer: Signer) -> bytes:
     """The PEM SubjectPublicKeyInfo of a signer, for distributing to devices."""
     return signer.key.public_key().public_bytes(
@@ -179,14 +199,15 @@ def public_pem(signer: Signer) -> bytes:
 
 
 __all__ = [
-    "KeyType",
     "MAX_SIGNATURE_SIZE",
+    "KeyType",
     "SignatureError",
     "Signer",
     "Verifier",
     "load_signer",
     "load_verifier",
     "parse_verifier",
+    "private_pem",
     "public_pem",
     "verify_manifest",
 ]

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from otad.artifact.chunks import DEFAULT_CHUNK_SIZE
@@ -24,13 +23,16 @@ from otad.artifact.reader import SignatureStatus, VerifyPolicy, verify_artifact
 from otad.artifact.release import check_version
 from otad.artifact.signing import (
     KeyType,
+    PrivateKey,
     Signer,
     load_signer,
     load_verifier,
+    private_pem,
     public_pem,
 )
 from otad.artifact.writer import (
     ArtifactSpec,
+    PayloadSpec,
     bootstrap,
     module_image,
     rootfs_image,
@@ -53,42 +55,69 @@ def _key_value(text: str) -> tuple[str, str]:
 def _add_common_write_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--artifact-name", required=True, help="name of the artifact")
     parser.add_argument(
-        "-t", "--device-type", action="append", required=True,
+        "-t",
+        "--device-type",
+        action="append",
+        required=True,
         help="compatible device type (repeat for several)",
     )
     parser.add_argument("-o", "--output-path", required=True, type=Path, help="artifact to write")
     parser.add_argument("-k", "--key", type=Path, help="private key (PEM) to sign with")
     parser.add_argument(
-        "--compression", default="gzip",
+        "--compression",
+        default="gzip",
         help="none, gzip, xz (alias lzma) or zstd; default gzip",
     )
     parser.add_argument(
-        "-N", "--artifact-name-depends", action="append", default=[],
+        "-N",
+        "--artifact-name-depends",
+        action="append",
+        default=[],
         help="artifact name the device must currently run (repeatable)",
     )
     parser.add_argument("-g", "--provides-group", help="artifact group this artifact provides")
     parser.add_argument(
-        "-G", "--depends-groups", action="append", default=[],
+        "-G",
+        "--depends-groups",
+        action="append",
+        default=[],
         help="artifact group the device must be in (repeatable)",
     )
     parser.add_argument(
-        "-p", "--provides", action="append", default=[], type=_key_value, metavar="KEY:VALUE",
+        "-p",
+        "--provides",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY:VALUE",
         help="add to type-info artifact_provides (repeatable)",
     )
     parser.add_argument(
-        "-d", "--depends", action="append", default=[], type=_key_value, metavar="KEY:VALUE",
+        "-d",
+        "--depends",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY:VALUE",
         help="add to type-info artifact_depends (repeatable)",
     )
     parser.add_argument(
-        "--clears-provides", action="append", default=None,
+        "--clears-provides",
+        action="append",
+        default=None,
         help="add to clears_artifact_provides (repeatable; replaces the defaults)",
     )
     parser.add_argument(
-        "--no-default-clears-provides", action="store_true",
+        "--no-default-clears-provides",
+        action="store_true",
         help="write no clears_artifact_provides unless --clears-provides is given",
     )
     parser.add_argument(
-        "-s", "--script", action="append", default=[], type=Path,
+        "-s",
+        "--script",
+        action="append",
+        default=[],
+        type=Path,
         help="state script to include (repeatable)",
     )
 
@@ -99,7 +128,8 @@ def _add_version_options(parser: argparse.ArgumentParser) -> None:
         help="release version used for downgrade protection; defaults to the artifact name",
     )
     parser.add_argument(
-        "--no-default-software-version", action="store_true",
+        "--no-default-software-version",
+        action="store_true",
         help="do not write a software version unless --software-version is given",
     )
 
@@ -118,12 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_version_options(rootfs)
     rootfs.add_argument("-f", "--file", required=True, type=Path, help="filesystem image")
     rootfs.add_argument(
-        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
         help=f"chunk length of the signed chunk index, bytes (default {DEFAULT_CHUNK_SIZE})",
     )
     rootfs.add_argument("--no-chunk-index", action="store_true", help="write no chunk index")
     rootfs.add_argument(
-        "--no-checksum-provide", action="store_true",
+        "--no-checksum-provide",
+        action="store_true",
         help="do not add rootfs-image.checksum to the provides",
     )
 
@@ -149,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="verify an artifact completely")
     validate.add_argument("artifact", type=Path)
     validate.add_argument(
-        "-k", "--key", action="append", default=[], type=Path,
+        "-k",
+        "--key",
+        action="append",
+        default=[],
+        type=Path,
         help="trusted public key (repeatable); without one only integrity is checked",
     )
 
@@ -292,25 +329,20 @@ def _sign(args: argparse.Namespace) -> int:
 
 def _genkey(args: argparse.Namespace) -> int:
     kind = KeyType(args.type)
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    key: PrivateKey
     if kind is KeyType.RSA:
         key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-        form = serialization.PrivateFormat.TraditionalOpenSSL
     elif kind is KeyType.ECDSA:
         key = ec.generate_private_key(ec.SECP256R1())
-        form = serialization.PrivateFormat.TraditionalOpenSSL
     else:
         key = ed25519.Ed25519PrivateKey.generate()
-        form = serialization.PrivateFormat.PKCS8
-    # The traditional (PKCS#1 / SEC1) form is what mender-artifact can load.
-    pem = key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
     path: Path = args.output_path
     public_path = path.with_name(path.name + ".pub")
     if path.exists() or public_path.exists():
         raise UsageError(f"{path} or {public_path} exists already; not overwriting a key")
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as out:
-        out.write(pem)
+        out.write(private_pem(key))
     public_path.write_bytes(public_pem(Signer(key, kind, str(path))))
     print(f"wrote {path} (private, {kind.value}) and {public_path} (public)")
     return EXIT_OK

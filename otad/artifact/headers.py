@@ -44,6 +44,16 @@ def _load_object(data: bytes, member: str) -> dict[str, Any]:
     return value
 
 
+def _optional_object(value: dict[str, Any], key: str, member: str) -> dict[str, Any]:
+    """The object under `key`; absent or null means empty."""
+    item = value.get(key)
+    if item is None:
+        return {}
+    if not isinstance(item, dict):
+        raise MalformedArtifact(f"{member}: {key} must be an object, found {item!r}")
+    return item
+
+
 def _string_list(value: object, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
@@ -203,14 +213,10 @@ class TypeInfo:
         kind = value["type"]
         if kind == "":
             kind = ROOTFS_IMAGE
-        provides = value.get("artifact_provides") or {}
-        if not isinstance(provides, dict) or not all(
-            isinstance(item, str) for item in provides.values()
-        ):
+        provides = _optional_object(value, "artifact_provides", member)
+        if not all(isinstance(item, str) for item in provides.values()):
             raise MalformedArtifact(f"{member}: artifact_provides must map names to strings")
-        depends_raw = value.get("artifact_depends") or {}
-        if not isinstance(depends_raw, dict):
-            raise MalformedArtifact(f"{member}: artifact_depends must be an object")
+        depends_raw = _optional_object(value, "artifact_depends", member)
         depends: dict[str, DependsValue] = {}
         for key, item in depends_raw.items():
             listed = _string_list(item, f"{member}: artifact_depends.{key}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 
 import pytest
@@ -33,10 +34,12 @@ ORDERED = [
 
 
 def test_documented_order() -> None:
-    assert sorted(reversed(ORDERED), key=sort_key) == ORDERED
+    shuffled = ORDERED[::2] + ORDERED[1::2]
+
+    assert sorted(shuffled, key=sort_key) == ORDERED
 
 
-@pytest.mark.parametrize(("left", "right"), list(zip(ORDERED, ORDERED[1:], strict=False)))
+@pytest.mark.parametrize(("left", "right"), list(itertools.pairwise(ORDERED)))
 def test_order_agrees_with_dpkg(left: str, right: str) -> None:
     dpkg = require_tool("dpkg")
     agrees = subprocess.run([dpkg, "--compare-versions", left, "lt", right], check=False)

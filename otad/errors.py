@@ -102,3 +102,23 @@ class BadSignature(SignatureError):
 
 class KeyProblem(OtadError):
     """A key file cannot be used: unreadable, unknown type or too weak."""
+
+
+class MissingTool(EnvironmentProblem):
+    """An external command otad needs is not installed."""
+
+    def __init__(self, tool: str) -> None:
+        super().__init__(f"required tool {tool!r} is not installed")
+        self.tool = tool
+
+
+class CommandFailed(EnvironmentProblem):
+    """An external command exited with an error (or timed out: exit code None)."""
+
+    def __init__(self, argv: list[str], exit_code: int | None, stderr: str) -> None:
+        last = stderr.splitlines()[-1] if stderr else "no error output"
+        status = "timed out" if exit_code is None else f"exited with {exit_code}"
+        super().__init__(f"{argv[0]} {status}: {last}")
+        self.argv = argv
+        self.exit_code = exit_code
+        self.stderr = stderr

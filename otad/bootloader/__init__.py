@@ -1,0 +1,1 @@
+"""Bootloader backends: how otad asks a bootloader which slot boots and starts a trial."""

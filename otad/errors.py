@@ -122,3 +122,84 @@ class CommandFailed(EnvironmentProblem):
         self.argv = argv
         self.exit_code = exit_code
         self.stderr = stderr
+
+
+class ConfigError(OtadError):
+    """The device configuration is invalid; `key` names the setting ('' for the file)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"configuration: {key} {problem}" if key else f"configuration: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class DeviceError(OtadError):
+    """A device cannot be found, is ambiguous, or must not be touched (mounted, booted)."""
+
+
+class StateConflict(OtadError):
+    """The request does not fit the current state (busy, not in trial, already on trial)."""
+
+
+class Incompatible(ArtifactError):
+    """The artifact is valid but not for this device or its current software."""
+
+
+class Downgrade(Incompatible):
+    """The artifact is older than the software it would replace."""
+
+
+class NoSpace(OtadError):
+    """The payload does not fit the slot."""
+
+
+class StateCorrupt(OtadError):
+    """The engine's state record cannot be read as one."""
+
+
+class UnknownPayloadType(EnvironmentProblem):
+    """No update module for a payload's type is installed on this device."""
+
+    def __init__(self, payload_type: str, searched: tuple[str, ...]) -> None:
+        places = ", ".join(searched) or "no directory"
+        super().__init__(
+            f"no update module for payload type {payload_type!r}: "
+            f"no executable of that name in {places}"
+        )
+        self.payload_type = payload_type
+        self.searched = searched
+
+
+class ModuleError(OtadError):
+    """An update module failed a state: it exited non-zero, hung or broke the protocol.
+
+    `exit_code` is None when the module was killed (timeout) or never started; `stderr`
+    holds the end of what the module wrote there.
+    """
+
+    def __init__(
+        self, module: str, state: str, exit_code: int | None, stderr: str, problem: str
+    ) -> None:
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
+        super().__init__(f"update module {module} failed in {state}: {problem} ({last})")
+        self.module = module
+        self.state = state
+        self.exit_code = exit_code
+        self.stderr = stderr
+        self.problem = problem
+
+
+class ModuleTimeout(ModuleError):
+    """An update module did not finish a state in time and was killed."""
+
+
+class ModuleProtocolError(ModuleError):
+    """An update module answered a query wrongly or did not follow the streams protocol."""
+
+
+class NotInTrial(StateConflict):
+    """Commit was asked for, but the running slot is not on trial."""
+
+
+class Cancelled(OtadError):
+    """The operation was cancelled on request."""

@@ -21,6 +21,7 @@ import enum
 import hashlib
 import re
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from otad.artifact.chunks import PREFIX, ChunkIndex, PayloadPromise, parse_promise
@@ -185,9 +186,20 @@ class PayloadFile:
             pass
 
     def _verified_blocks(self) -> Iterator[memoryview]:
+        index = self.chunk_index
+        if index is None:
+            yield from self._hashed_blocks(BLOCK_SIZE, None)
+            return
+        # The chunk digests are computed on a second thread while this one computes the
+        # whole-file digest: hashlib releases the GIL, so the two run on two cores.
+        with ThreadPoolExecutor(1, thread_name_prefix="otad-chunk-hash") as pool:
+            yield from self._hashed_blocks(index.chunk_size, pool)
+
+    def _hashed_blocks(
+        self, block_size: int, pool: ThreadPoolExecutor | None
+    ) -> Iterator[memoryview]:
         whole = hashlib.sha256()
         index = self.chunk_index
-        block_size = index.chunk_size if index else BLOCK_SIZE
         buffer = memoryview(bytearray(min(block_size, self.size) or 1))
         remaining = self.size
         number = 0
@@ -196,9 +208,13 @@ class PayloadFile:
             view = buffer[:length]
             if read_into_fully(self._source, view) < length:
                 raise TruncatedArtifact(f"payload file {self.name} ends early")
+            chunk: Future[bytes] | None = None
+            if pool is not None:
+                chunk = pool.submit(_digest, view)
             whole.update(view)
-            if index is not None:
-                self._check_chunk(index, number, view)
+            if chunk is not None:
+                assert index is not None
+                self._check_chunk(index, number, chunk.result())
             remaining -= length
             number += 1
             if not remaining:
@@ -207,8 +223,7 @@ class PayloadFile:
         if not self.size:
             self._check_whole(whole)
 
-    def _check_chunk(self, index: ChunkIndex, number: int, view: memoryview) -> None:
-        found = hashlib.sha256(view).digest()
+    def _check_chunk(self, index: ChunkIndex, number: int, found: bytes) -> None:
         if found != index.digests[number]:
             raise ChunkMismatch(self.name, number, index.digests[number].hex(), found.hex())
 
@@ -219,6 +234,10 @@ class PayloadFile:
                 f"data/{self.payload.index:04}/{self.name}", self.checksum, found
             )
         self.verified = True
+
+
+def _digest(data: memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 class _Bounded:

@@ -20,6 +20,7 @@ import pytest
 
 from otad.bootloader.base import Slot
 from otad.devices import SystemPaths, probe
+from tests.artifact.conftest import keys  # noqa: F401  (the key pairs fixture, shared)
 from tests.conftest import require_tool
 
 SLOT_SIZE = 24 << 20

@@ -1,25 +1,14 @@
-"""The engine's whole update cycle on a real loop-device disk with the file bootloader.
-
-A "device" here is a disk image with two slots, the file-backed bootloader and a fake
-/proc; `reboot()` lets the bootloader pick the slot as firmware would, points the
-kernel command line at it and starts the engine again, as the daemon does at boot.
-"""
+"""The engine's whole update cycle on a real loop-device disk with the file bootloader
+(the `device` fixture: see tests/engine/conftest.py)."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from otad.artifact.compression import Compression
-from otad.artifact.signing import Signer, Verifier
-from otad.artifact.writer import ArtifactSpec, rootfs_image, write_artifact
 from otad.bootloader.base import Slot, SlotBootState
-from otad.bootloader.file import FileBootloader
-from otad.config import parse_config
-from otad.engine import Engine
 from otad.errors import (
     BadSignature,
     ChunkMismatch,
@@ -31,105 +20,8 @@ from otad.errors import (
     OtadError,
     StateConflict,
 )
-from otad.state import Phase, Release, SlotStatus, StateStore, initial_state
-from tests.artifact.conftest import KeyPair, make_payload
-from tests.engine.conftest import SLOT_SIZE, Disk, FakeKernel
-
-IMAGE_SIZE = 3 << 20
-
-
-@dataclass
-class Device:
-    disk: Disk
-    kernel: FakeKernel
-    bootloader: FileBootloader
-    config_text: str
-    verifier: Verifier
-    store: StateStore
-
-    def engine(self) -> Engine:
-        return Engine(
-            parse_config(self.config_text),
-            self.bootloader,
-            paths=self.kernel.paths,
-            store=self.store,
-            verifiers=(self.verifier,),
-        )
-
-    def slot_digest(self, slot: Slot) -> str:
-        return hashlib.sha256(self.disk.partitions[slot.value].read_bytes()).hexdigest()
-
-    def reboot(self) -> Engine:
-        booted = self.bootloader.simulate_boot()
-        self.kernel.boot_slot(self.disk.partuuids[booted.value])
-        self.kernel.reboot()
-        engine = self.engine()
-        engine.recover()
-        return engine
-
-    def install(self, artifact: Path, **options: bool) -> None:
-        with artifact.open("rb") as stream:
-            self.engine().install(stream, **options)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def device(disk: Disk, kernel: FakeKernel, tmp_path: Path, keys: dict[str, KeyPair]) -> Device:
-    config = f"""
-device_type = "otad-test"
-data_dir = "{tmp_path}/data"
-trusted_keys = ["{keys["ecdsa"].public}"]
-[bootloader]
-backend = "file"
-[slots.a]
-root = "PARTUUID={disk.partuuids["a"]}"
-[slots.b]
-root = "PARTUUID={disk.partuuids["b"]}"
-"""
-    with disk.partitions["a"].open("r+b") as slot_a:
-        slot_a.write(make_payload(tmp_path / "release-1.img", IMAGE_SIZE, seed=1).read_bytes())
-    bootloader = FileBootloader(tmp_path / "bootloader.json")
-    bootloader.initialize(Slot.A)
-    kernel.boot_slot(disk.partuuids["a"])
-    store = StateStore(tmp_path / "data")
-    store.save(initial_state(Slot.A, Release("release-1", "1.0", {"artifact_name": "release-1"})))
-    return Device(disk, kernel, bootloader, config, keys["ecdsa"].verifier, store)
-
-
-@pytest.fixture(scope="session")
-def artifacts(
-    tmp_path_factory: pytest.TempPathFactory, keys: dict[str, KeyPair]
-) -> dict[str, Path]:
-    """Signed rootfs artifacts: release-2 and -3, an old one, one for another device..."""
-    tmp_path = tmp_path_factory.mktemp("artifacts")
-
-    def make(name: str, version: str, seed: int, signer: Signer | None = None,
-             device_type: str = "otad-test", size: int = IMAGE_SIZE) -> Path:  # fmt: skip
-        image = make_payload(tmp_path / f"{name}.img", size, seed=seed)
-        spec = ArtifactSpec(
-            name=name,
-            device_types=(device_type,),
-            payload=rootfs_image(image, software_version=version, chunk_size=256 * 1024),
-            compression=Compression.ZSTD,
-            signer=signer,
-        )
-        return write_artifact(spec, tmp_path / f"{name}.mender").path
-
-    good = keys["ecdsa"].signer
-    made = {
-        "release-2": make("release-2", "2.0", 2, good),
-        "release-3": make("release-3", "3.0", 3, good),
-        "release-0": make("release-0", "0.9", 4, good),
-        "other-device": make("other-device", "2.0", 5, good, device_type="rpi4"),
-        "unsigned": make("unsigned", "2.0", 6),
-        "foreign": make("foreign", "2.0", 7, keys["other"].signer),
-        "too-big": make("too-big", "2.0", 8, good, size=SLOT_SIZE + 4096),
-    }
-    tampered = tmp_path / "tampered.mender"
-    data = bytearray(made["release-2"].read_bytes())
-    data[len(data) // 2] ^= 0x01
-    tampered.write_bytes(bytes(data))
-    made["tampered"] = tampered
-    return made
+from otad.state import Phase, Release, SlotStatus
+from tests.engine.conftest import Device
 
 
 def _image_digest(artifact: Path) -> str:
@@ -165,7 +57,8 @@ def test_good_update_commits_and_survives_reboots(
     committed = engine.commit()
 
     assert committed.phase is Phase.IDLE
-    assert committed.last is not None and committed.last.success
+    assert committed.last is not None
+    assert committed.last.success
     assert committed.slots[Slot.B].status is SlotStatus.GOOD
     assert committed.slots[Slot.B].release == Release(
         "release-2",

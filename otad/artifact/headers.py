@@ -142,7 +142,9 @@ class HeaderInfo:
             raise MalformedArtifact("header-info: 'payloads' must be a non-empty list")
         types: list[str | None] = []
         for entry in payloads:
-            if not isinstance(entry, dict) or not isinstance(entry.get("type"), (str, type(None))):
+            # A missing type is no null type: Mender requires the key.
+            missing = not isinstance(entry, dict) or "type" not in entry
+            if missing or not isinstance(entry["type"], (str, type(None))):
                 raise MalformedArtifact(f"header-info: payload entry {entry!r} has no type")
             types.append(entry["type"])
         provides = value.get("artifact_provides")

@@ -10,6 +10,7 @@ with an error that names the member.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from otad.artifact.streams import Readable, read_exactly, read_into_fully, skip_exactly
@@ -17,9 +18,14 @@ from otad.errors import LimitExceeded, MalformedArtifact, TruncatedArtifact, Uns
 
 BLOCK = 512
 MAX_EXTENDED_HEADER = 64 * 1024
+# All pax and long-name records of one archive together: an artifact needs a few
+# hundred bytes of them; a stream of them is a way to make a reader parse forever.
+MAX_EXTENDED_TOTAL = 1 << 20
 MAX_TRAILING_ZEROS = 1 << 20
 
 _ZERO_BLOCK = bytes(BLOCK)
+_OCTAL = re.compile(rb"[0-7]+")
+_DECIMAL = re.compile(r"[0-9]+")
 
 
 class EntryType(enum.Enum):
@@ -47,10 +53,10 @@ def _parse_number(field: bytes, what: str) -> int:
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise MalformedArtifact(f"{what} is not an octal number: {text!r}") from None
+    # int() would also take a sign, underscores and inner spaces: "-1" is no size.
+    if not _OCTAL.fullmatch(text):
+        raise MalformedArtifact(f"{what} is not an octal number: {text!r}")
+    return int(text, 8)
 
 
 def _header_checksum_ok(block: bytes) -> bool:
@@ -73,7 +79,8 @@ def _parse_pax(data: bytes, what: str) -> dict[str, str]:
         except ValueError:
             raise MalformedArtifact(f"{what}: pax record length is not a number") from None
         record = data[space + 1 : position + length]
-        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+        overruns = position + length > len(data)
+        if length <= 0 or overruns or not record.endswith(b"\n") or b"=" not in record:
             raise MalformedArtifact(f"{what}: malformed pax record at byte {position}")
         key, _, value = record[:-1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
@@ -110,6 +117,7 @@ class TarReader:
         self._padding = 0
         self._entry: TarEntry | None = None
         self._ended = False
+        self._extended_total = 0
 
     def _read(self, size: int, what: str) -> bytes:
         data = read_exactly(self._source, size, what)
@@ -140,6 +148,11 @@ class TarReader:
         if size > MAX_EXTENDED_HEADER:
             raise LimitExceeded(
                 f"{self.what}: {what} of {size} bytes, at most {MAX_EXTENDED_HEADER} allowed"
+            )
+        self._extended_total += size
+        if self._extended_total > MAX_EXTENDED_TOTAL:
+            raise LimitExceeded(
+                f"{self.what}: more than {MAX_EXTENDED_TOTAL} bytes of pax and long-name records"
             )
         data = self._read(size, f"{self.what} {what}")
         self._skip(-size % BLOCK, f"{self.what} {what}")
@@ -182,10 +195,9 @@ class TarReader:
                 name = f"{prefix}/{name}"
         name = pax.get("path", long_name or name)
         if "size" in pax:
-            try:
-                size = int(pax["size"])
-            except ValueError:
-                raise MalformedArtifact(f"{self.what}: pax size {pax['size']!r}") from None
+            if not _DECIMAL.fullmatch(pax["size"]):
+                raise MalformedArtifact(f"{self.what}: pax size {pax['size']!r}")
+            size = int(pax["size"])
         if kind in (b"0", b"\0", b"7"):
             entry_type = EntryType.FILE
         elif kind == b"5":

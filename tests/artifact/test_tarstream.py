@@ -146,3 +146,19 @@ def test_failed_write_leaves_no_file(
 
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
     assert not target.exists()
+
+
+def test_endless_extended_records_are_bounded() -> None:
+    out = io.BytesIO()
+    record = b"30 comment=" + b"x" * 18 + b"\n"
+    block = member_header("pax", len(record), 0)
+    # Turn the plain header into a pax ('x') header with a valid checksum.
+    header = bytearray(block)
+    header[156:157] = b"x"
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    for _ in range(40_000):
+        out.write(bytes(header) + record + bytes(512 - len(record)))
+
+    with pytest.raises(LimitExceeded, match="bytes of pax and long-name records"):
+        _entries(out.getvalue())

@@ -203,3 +203,55 @@ class NotInTrial(StateConflict):
 
 class Cancelled(OtadError):
     """The operation was cancelled on request."""
+
+
+class BootloaderError(OtadError):
+    """A bootloader backend cannot read or change the bootloader's state."""
+
+
+class BootloaderIOError(BootloaderError):
+    """A file of the bootloader's state cannot be read or written."""
+
+    def __init__(self, path: str, action: str, reason: str) -> None:
+        super().__init__(f"cannot {action} {path}: {reason}")
+        self.path = path
+        self.action = action
+        self.reason = reason
+
+
+class BootloaderStateError(BootloaderError):
+    """The bootloader's state is missing, torn beyond repair or inconsistent."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+        self.detail = detail
+
+
+class SlotConflict(BootloaderError):
+    """A request contradicts the slots' states (a trial of the default, no good slot left)."""
+
+
+class FirmwareTooOld(BootloaderError):
+    """The boot firmware lacks a feature the backend needs."""
+
+    def __init__(self, feature: str, found: str, required: str) -> None:
+        super().__init__(f"{feature} needs a bootloader built {required} or later, found {found}")
+        self.feature = feature
+        self.found = found
+        self.required = required
+
+
+class BootSyncError(OtadError):
+    """A slot's boot partition cannot be filled from its root filesystem, or reads back wrong.
+
+    `changed` tells whether the partition had already been formatted when it failed: if
+    not, its old content is intact; if so, the slot must not boot until a sync succeeds.
+    """
+
+    def __init__(self, device: str, problem: str, *, changed: bool) -> None:
+        state = "its old content was erased" if changed else "it was not changed"
+        super().__init__(f"boot partition {device}: {problem} ({state})")
+        self.device = device
+        self.problem = problem
+        self.changed = changed

@@ -5,13 +5,16 @@ artifact depends on artifact names or groups, the release the device runs must b
 them; every key of a payload's type-info artifact_depends must match what the running
 release provides. otad adds downgrade protection: the payload's software version must
 not sort before the running one (Debian version order, see otad.artifact.release),
-unless the caller explicitly allows it.
+unless the caller explicitly allows it. The running version is the same provide of the
+running release (rootfs-image.version, rootfs-image.<module>.version); for root
+filesystems the version the release record carries stands in when the provide is absent.
 """
 
 from __future__ import annotations
 
+from otad.artifact.headers import ROOTFS_IMAGE
 from otad.artifact.reader import ArtifactHeader
-from otad.artifact.release import is_downgrade, is_valid_version
+from otad.artifact.release import is_downgrade, is_valid_version, software_version_key
 from otad.errors import Downgrade, Incompatible
 from otad.state import Release
 
@@ -53,12 +56,14 @@ def check_compatible(
                     f"artifact {info.artifact_name} depends on {key} being "
                     f"{' or '.join(allowed)}; this device has {have!r}"
                 )
-        if not allow_downgrade:
-            _check_version(info.artifact_name, payload.software_version, running)
+        if not allow_downgrade and payload.type is not None:
+            current = provides.get(software_version_key(payload.type))
+            if current is None and payload.type == ROOTFS_IMAGE and running is not None:
+                current = running.version
+            _check_version(info.artifact_name, payload.software_version, current)
 
 
-def _check_version(name: str, candidate: str | None, running: Release | None) -> None:
-    current = running.version if running else None
+def _check_version(name: str, candidate: str | None, current: str | None) -> None:
     if current is None:
         return
     if candidate is None:

@@ -43,6 +43,7 @@ from otad.errors import (
     Cancelled,
     ChecksumMismatch,
     MalformedArtifact,
+    ModuleError,
     NoSpace,
     NotInTrial,
     OtadError,
@@ -50,6 +51,9 @@ from otad.errors import (
     StateCorrupt,
     UnsupportedFeature,
 )
+from otad.modules.protocol import RebootAction
+from otad.modules.runner import ModuleConfig, ModuleRunner
+from otad.modules.tree import DeviceContext
 from otad.slots import SlotDevice, booted_slot, resolve_slots
 from otad.slotwriter import SlotWriter, read_back_sha256
 from otad.state import (
@@ -111,12 +115,14 @@ class Engine:
         paths: SystemPaths | None = None,
         store: StateStore | None = None,
         verifiers: tuple[Verifier, ...] | None = None,
+        modules: ModuleConfig | None = None,
     ) -> None:
         self.config = config
         self.bootloader = bootloader
         self.paths = paths or SystemPaths()
         self.store = store or StateStore(config.data_dir)
         self._verifiers = verifiers
+        self.modules = modules or ModuleConfig(work_dir=config.data_dir / "modules" / "v3")
         self._lock = threading.Lock()
 
     # -- reading the situation ------------------------------------------------------
@@ -170,8 +176,10 @@ class Engine:
 
     def _recover(self, snapshot: Snapshot) -> State:
         state = snapshot.state
+        if state.module is not None:
+            return self._recover_module(state, snapshot.booted)
         target = state.target
-        assert target is not None, "a non-idle record always names its target slot"
+        assert target is not None, "a slot update always names its target slot"
         artifact = self._pending_artifact(state)
         if state.phase is Phase.INSTALLING:
             self.bootloader.mark_bad(target)
@@ -383,6 +391,118 @@ class Engine:
             found = read_back_sha256(device.path, size)
             if found != checksum:
                 raise ChecksumMismatch(f"slot {device.slot.value} read back", checksum, found)
+
+    # -- payloads for update modules and bootstrap artifacts --------------------------
+
+    def _install_without_slot(
+        self, reader: ArtifactReader, header: ArtifactHeader, state: State, booted: Slot
+    ) -> InstallResult:
+        """Install a module payload (or record a bootstrap artifact) on the running slot."""
+        running = state.slots[booted].release
+        version = running.version if running else None
+        pending = Release(header.name, version, _provides_after(header, running))
+        payload = header.payloads[0]
+        if payload.type is None:
+            reader.finish()
+            self._finish_module(state, booted, pending, "bootstrap artifact recorded")
+            return InstallResult(header.name, booted, needs_reboot=False)
+        state = replace(
+            state,
+            phase=Phase.INSTALLING,
+            module=payload.type,
+            pending=pending,
+            transaction=uuid.uuid4().hex,
+            boot_id=self._boot_id(),
+        )
+        self.store.save(state)
+        context = DeviceContext(
+            self.config.device_type,
+            running.artifact if running else None,
+            running.provides.get("artifact_group") if running else None,
+        )
+        runner: ModuleRunner | None = None
+        installing = False
+        try:
+            runner = ModuleRunner.prepare(header, payload, context, self.modules)
+            runner.download(reader.payload_files())
+            reader.finish()
+            installing = True
+            runner.install()
+            reboot = runner.needs_reboot()
+            if reboot is RebootAction.AUTOMATIC:
+                self.store.save(replace(state, phase=Phase.INSTALLED))
+                return InstallResult(header.name, booted, needs_reboot=True)
+            if reboot is RebootAction.YES:
+                runner.reboot()
+                runner.verify_reboot()
+            runner.commit()
+        except BaseException as error:
+            self._module_failed(runner, state, installing, str(error))
+            raise
+        self._cleanup(runner)
+        self._finish_module(state, booted, pending, f"{payload.type} payload installed")
+        return InstallResult(header.name, booted, needs_reboot=False)
+
+    def _finish_module(self, state: State, booted: Slot, pending: Release, message: str) -> State:
+        record = state.slots[booted]
+        done = state.with_slot(booted, SlotRecord(record.status, pending)).finished(
+            Outcome("install", True, message, pending.artifact)
+        )
+        self.store.save(done)
+        return done
+
+    def _module_failed(
+        self, runner: ModuleRunner | None, state: State, installing: bool, message: str
+    ) -> State:
+        """Roll the module back where it can, run ArtifactFailure and Cleanup, record it."""
+        if runner is not None and installing:
+            try:
+                if runner.supports_rollback():
+                    runner.rollback()
+                runner.failure()
+            except ModuleError as error:
+                log.error("rolling back the module failed too: %s", error)
+        self._cleanup(runner)
+        artifact = state.pending.artifact if state.pending else None
+        failed = state.finished(Outcome("install", False, message, artifact))
+        self.store.save(failed)
+        return failed
+
+    @staticmethod
+    def _cleanup(runner: ModuleRunner | None) -> None:
+        if runner is None:
+            return
+        try:
+            runner.cleanup()
+        except ModuleError as error:
+            log.warning("module cleanup failed, its file tree was removed anyway: %s", error)
+
+    def _recover_module(self, state: State, booted: Slot) -> State:
+        assert state.module is not None
+        try:
+            runner = ModuleRunner.resume(0, state.module, self.modules)
+        except OtadError as error:
+            message = f"interrupted, and the module cannot be resumed: {error}"
+            return state.finished(Outcome("install", False, message, None))
+        if state.phase is Phase.INSTALLING:
+            return self._module_failed(runner, state, True, "interrupted while installing")
+        if state.boot_id == self._boot_id():
+            return state  # waiting for the reboot the module asked for
+        try:
+            runner.verify_reboot()
+            runner.commit()
+        except ModuleError as error:
+            # TODO: run ArtifactRollbackReboot and a second host reboot when a module
+            # needs one to roll back; today the rollback runs without it.
+            return self._module_failed(runner, state, True, str(error))
+        self._cleanup(runner)
+        booted = next(
+            slot for slot, record in state.slots.items() if record.status is SlotStatus.GOOD
+        )
+        assert state.pending is not None
+        return self._finish_module(
+            state, booted, state.pending, f"{state.module} payload installed"
+        )
 
     # -- commit and rollback --------------------------------------------------------
 

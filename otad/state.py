@@ -80,6 +80,10 @@ class State:
     # The kernel's boot ID when the phase was entered: tells a restart of the daemon
     # (same boot) from a reboot.
     boot_id: str | None = None
+    # For a payload installed by an update module (no slot is written): the module's
+    # payload type, and the release the running slot will hold once it is committed.
+    module: str | None = None
+    pending: Release | None = None
     last: Outcome | None = None
 
     def with_slot(self, slot: Slot, record: SlotRecord) -> State:
@@ -95,6 +99,8 @@ class State:
             rollback_requested=False,
             recovery_attempts=0,
             boot_id=None,
+            module=None,
+            pending=None,
             last=replace(outcome, time=outcome.time or time.time()),
         )
 
@@ -129,6 +135,8 @@ def serialize(state: State) -> bytes:
         "rollback_requested": state.rollback_requested,
         "recovery_attempts": state.recovery_attempts,
         "boot_id": state.boot_id,
+        "module": state.module,
+        "pending": _release_to_json(state.pending),
         "slots": {
             slot.value: {"status": record.status.value, "release": _release_to_json(record.release)}
             for slot, record in sorted(state.slots.items(), key=lambda item: item[0].value)
@@ -178,6 +186,8 @@ def parse(data: bytes, source: str) -> State:
             rollback_requested=bool(value.get("rollback_requested", False)),
             recovery_attempts=int(value.get("recovery_attempts", 0)),
             boot_id=value.get("boot_id"),
+            module=value.get("module"),
+            pending=_release_from_json(value.get("pending")),
             last=None
             if last is None
             else Outcome(

@@ -298,6 +298,8 @@ class Engine:
             self.config.install.allow_downgrade if allow_downgrade is None else allow_downgrade
         )
         check_compatible(header, self.config.device_type, running, allowed)
+        if len(header.payloads) == 1 and header.payloads[0].type != ROOTFS_IMAGE:
+            return self._install_without_slot(reader, header, state, booted)
         self._check_rootfs_payload(header, device)
         payload = header.payloads[0]
         release = Release(header.name, payload.software_version, _provides_after(header, running))
@@ -340,12 +342,11 @@ class Engine:
 
     @staticmethod
     def _check_rootfs_payload(header: ArtifactHeader, device: SlotDevice) -> None:
-        if len(header.payloads) != 1 or header.payloads[0].type != ROOTFS_IMAGE:
-            kinds = ", ".join(str(payload.type) for payload in header.payloads)
-            # TODO: hand other payload types to otad.modules once the engine drives
-            # update modules; until then they are refused before anything is written.
+        if len(header.payloads) != 1:
+            # TODO: install artifacts with several payloads once a writer makes them;
+            # Mender's own tools make and accept only one.
             raise UnsupportedFeature(
-                f"payload type {kinds}: this engine installs rootfs-image only"
+                f"artifact has {len(header.payloads)} payloads, otad takes one"
             )
         payload = header.payloads[0]
         if len(payload.files) != 1:

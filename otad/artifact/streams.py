@@ -130,7 +130,12 @@ class Prefetcher:
         return count
 
     def close(self) -> None:
-        """Stop the thread and wait for it; safe to call more than once."""
+        """Stop the thread and wait for it; safe to call more than once.
+
+        A read already in progress is waited for, so a source must not block forever.
+        """
+        # TODO: give network sources a read timeout when downloads stream through the
+        # reader, so that close() after a stalled connection returns.
         self._stop.set()
         while True:
             try:

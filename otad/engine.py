@@ -36,9 +36,10 @@ from otad.artifact.reader import ArtifactHeader, ArtifactReader, Limits, VerifyP
 from otad.artifact.signing import Verifier, load_verifier
 from otad.artifact.streams import Readable
 from otad.bootloader.base import Bootloader, BootStatus, Slot
+from otad.bootsync import sync_boot_partition
 from otad.compat import check_compatible, current_provides
 from otad.config import Config
-from otad.devices import SystemPaths, check_unused
+from otad.devices import SystemPaths, check_unused, find_partition
 from otad.errors import (
     Cancelled,
     ChecksumMismatch,
@@ -314,6 +315,7 @@ class Engine:
         self.store.save(state)
         try:
             self._write_slot(reader, device, progress, cancel)
+            self._sync_boot_partition(target, device)
         except BaseException as error:
             failed = state.with_slot(target, SlotRecord(SlotStatus.EMPTY))
             self.store.save(failed.finished(Outcome("install", False, str(error), header.name)))
@@ -339,6 +341,17 @@ class Engine:
         self.store.save(
             bad.finished(Outcome("install", False, message, self._pending_artifact(state)))
         )
+
+    def _sync_boot_partition(self, target: Slot, device: SlotDevice) -> None:
+        """Fill the target slot's own boot partition, where the board has one per slot."""
+        slot_config = self.config.slots[target]
+        if slot_config.boot is None:
+            return
+        boot = find_partition(slot_config.boot, self.paths)
+        report = sync_boot_partition(
+            device.path, boot, cmdline_root=str(slot_config.root), paths=self.paths
+        )
+        log.info("boot partition %s of slot %s: %d files", boot, target.value, report.files)
 
     @staticmethod
     def _check_rootfs_payload(header: ArtifactHeader, device: SlotDevice) -> None:

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otad.bootloader.base import Bootloader, Slot
-from otad.config import BackendName, BootloaderConfig
 from otad.errors import ConfigError
+
+if TYPE_CHECKING:
+    # otad.config imports otad.bootloader.base, which runs this package first: import
+    # it only where it is used, or importing otad.config first would be circular.
+    from otad.config import BootloaderConfig
 
 
 def _option(options: Mapping[str, Any], key: str, kind: type, default: Any = ...) -> Any:
@@ -41,6 +45,8 @@ def _check_known(options: Mapping[str, Any], known: set[str]) -> None:
 
 def make_bootloader(config: BootloaderConfig) -> Bootloader:
     """The backend `config` names, configured from its options."""
+    from otad.config import BackendName
+
     options = config.options
     if config.backend is BackendName.GRUB:
         from otad.bootloader.grub import GrubBootloader

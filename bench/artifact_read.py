@@ -169,10 +169,11 @@ def measure(command: Command) -> Measurement:
             processes.append(process)
             assert process.stdout is not None
             upstream = process.stdout.fileno()
-        output, _ = processes[-1].communicate()
+        output, last_errors = processes[-1].communicate()
         statuses = [process.wait() for process in processes]
         seconds = time.perf_counter() - start
         errors = [p.stderr.read().decode(errors="replace") for p in processes[:-1] if p.stderr]
+        errors.append(last_errors.decode(errors="replace"))
         if any(statuses):
             pipeline = " | ".join(shlex.join(stage) for stage in command.stages)
             raise BenchError(f"{pipeline} exited {statuses}: {' '.join(errors).strip()}")

@@ -77,9 +77,13 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class InstallResult:
+    """How an install ended; for a slot update, the bytes written to and skipped on it."""
+
     artifact: str
     slot: Slot
     needs_reboot: bool
+    bytes_written: int = 0
+    bytes_skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -314,7 +318,7 @@ class Engine:
         ).with_slot(target, SlotRecord(SlotStatus.EMPTY, release))
         self.store.save(state)
         try:
-            self._write_slot(reader, device, progress, cancel)
+            written, skipped = self._write_slot(reader, device, progress, cancel)
             self._sync_boot_partition(target, device)
         except BaseException as error:
             failed = state.with_slot(target, SlotRecord(SlotStatus.EMPTY))
@@ -330,7 +334,7 @@ class Engine:
             self._abandon(installed, target, f"could not start the trial boot: {error}")
             raise
         log.info("installed %s into slot %s; reboot to try it", header.name, target.value)
-        return InstallResult(header.name, target, needs_reboot=True)
+        return InstallResult(header.name, target, True, written, skipped)
 
     def _abandon(self, state: State, target: Slot, message: str) -> None:
         try:
@@ -379,7 +383,8 @@ class Engine:
         device: SlotDevice,
         progress: ProgressCallback | None,
         cancel: threading.Event | None,
-    ) -> None:
+    ) -> tuple[int, int]:
+        """Write and verify the image; return the bytes written and the bytes skipped."""
         settings = self.config.install
         checksum = ""
         size = 0
@@ -405,6 +410,7 @@ class Engine:
             found = read_back_sha256(device.path, size)
             if found != checksum:
                 raise ChecksumMismatch(f"slot {device.slot.value} read back", checksum, found)
+        return writer.written, writer.skipped
 
     # -- payloads for update modules and bootstrap artifacts --------------------------
 

@@ -15,10 +15,10 @@ def _image(seed: int, blocks: int) -> bytes:
     return random.Random(seed).randbytes(blocks * BLOCK - 123)
 
 
-def _write(disk: Disk, data: bytes) -> SlotWriter:
+def _write(disk: Disk, data: bytes, block: int = BLOCK) -> SlotWriter:
     with SlotWriter(disk.partitions["b"], fsync_interval=2 * BLOCK) as writer:
-        for start in range(0, len(data), BLOCK):
-            writer.write(data[start : start + BLOCK])
+        for start in range(0, len(data), block):
+            writer.write(data[start : start + block])
         writer.finish()
     return writer
 
@@ -46,3 +46,25 @@ def test_rewrite_skips_blocks_already_right(disk: Disk) -> None:
     assert writer.skipped == len(first) - BLOCK
     with disk.partitions["b"].open("rb") as device:
         assert device.read(len(second)) == bytes(second)
+
+
+def test_after_differing_blocks_it_probes_and_finds_matching_ones(disk: Disk) -> None:
+    small = 64 * 1024
+    old = random.Random(2).randbytes(300 * small)
+    _write(disk, old, small)
+    new = random.Random(3).randbytes(10 * small) + old[10 * small :]
+
+    writer = _write(disk, new, small)
+
+    # Blocks 0-3 are compared and differ; from then on only every 64th is compared
+    # until one matches (block 67), after which every block is compared again.
+    assert writer.written + writer.skipped == len(new)
+    assert writer.skipped == (300 - 67) * small
+    with disk.partitions["b"].open("rb") as device:
+        assert device.read(len(new)) == new
+
+
+def test_uses_direct_io_on_a_block_device(disk: Disk) -> None:
+    writer = _write(disk, _image(4, 2))
+
+    assert writer._direct

@@ -255,3 +255,12 @@ class BootSyncError(OtadError):
         self.device = device
         self.problem = problem
         self.changed = changed
+
+
+class NotAuthorized(OtadError):
+    """The caller of a daemon method is not allowed to do what it asked."""
+
+    def __init__(self, action: str, reason: str) -> None:
+        super().__init__(f"not authorized to {action}: {reason}")
+        self.action = action
+        self.reason = reason

@@ -7,6 +7,9 @@ Exit codes shared by all tools:
     2  the command line is wrong
     3  the machine is missing something: a file, a key, a tool, a permission
     4  an unexpected internal error (a bug: please report it with --debug output)
+    5  the device's update state does not allow it now: another operation runs, nothing
+       is on trial to commit, an update waits for its reboot (otactl)
+  130  interrupted or cancelled
 """
 
 from __future__ import annotations
@@ -16,13 +19,45 @@ import os
 import sys
 from collections.abc import Callable
 
-from otad.errors import ArtifactError, EnvironmentProblem, KeyProblem, OtadError, UsageError
+from otad.errors import (
+    ArtifactError,
+    BootloaderError,
+    BootSyncError,
+    Cancelled,
+    ConfigError,
+    DeviceError,
+    EnvironmentProblem,
+    KeyProblem,
+    ModuleError,
+    NoSpace,
+    NotAuthorized,
+    OtadError,
+    StateConflict,
+    StateCorrupt,
+    UsageError,
+)
 
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
 EXIT_INTERNAL = 4
+EXIT_STATE = 5
+EXIT_CANCELLED = 130
+
+# Problems of the machine rather than of the input: exit 3, like a missing file.
+_MACHINE_ERRORS = (
+    EnvironmentProblem,
+    KeyProblem,
+    OSError,
+    ConfigError,
+    DeviceError,
+    BootloaderError,
+    BootSyncError,
+    ModuleError,
+    StateCorrupt,
+    NotAuthorized,
+)
 
 _LEVELS = {
     "emerg": logging.CRITICAL,
@@ -48,12 +83,17 @@ def setup_logging(verbosity: int) -> None:
 
 
 def exit_code_for(error: BaseException) -> int:
+    """The exit code (and the result of the daemon's Completed signal) for `error`."""
     if isinstance(error, UsageError):
         return EXIT_USAGE
-    if isinstance(error, ArtifactError):
+    if isinstance(error, (ArtifactError, NoSpace)):
         return EXIT_INVALID
-    if isinstance(error, (EnvironmentProblem, KeyProblem, OSError)):
+    if isinstance(error, _MACHINE_ERRORS):
         return EXIT_ENVIRONMENT
+    if isinstance(error, StateConflict):
+        return EXIT_STATE
+    if isinstance(error, Cancelled):
+        return EXIT_CANCELLED
     return EXIT_INTERNAL
 
 
@@ -63,7 +103,7 @@ def run_command(program: str, command: Callable[[], int], debug: bool) -> int:
         return command()
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_CANCELLED
     except BrokenPipeError:
         return EXIT_OK
     except (OtadError, OSError) as error:

@@ -278,10 +278,19 @@ class Updater:
             self._arm_health_gate()
         return status
 
+    def _seconds_since_boot(self) -> float:
+        """The kernel's uptime; 0 when it cannot be read (the gate then runs in full)."""
+        try:
+            return float((self.engine.paths.proc / "uptime").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
     def _arm_health_gate(self) -> None:
-        timeout = self.engine.config.health_timeout
+        # The deadline counts from the boot, not from this daemon's start, so that a
+        # daemon that crashes and restarts during a trial cannot keep extending it.
+        timeout = max(0.0, self.engine.config.health_timeout - self._seconds_since_boot())
         log.info(
-            "slot %s runs on trial: unless it is committed within %d s, otad rolls back "
+            "slot %s runs on trial: unless it is committed within %.0f s, otad rolls back "
             "and reboots",
             self.status.booted.value,
             timeout,

@@ -92,6 +92,7 @@ class FakeKernel:
 
     def reboot(self) -> None:
         (self.root / "sys" / "kernel" / "random" / "boot_id").write_text(f"{uuid.uuid4()}\n")
+        (self.root / "uptime").write_text("0.00 0.00\n")
 
     def mount(self, device: Path) -> None:
         number = os.stat(device).st_rdev

@@ -145,3 +145,21 @@ def test_committed_trial_is_not_rolled_back(
     time.sleep(4)
     assert not daemon.reboots.exists()
     assert properties(daemon)["State"] == "idle"
+
+
+def test_health_deadline_counts_from_boot_not_from_a_daemon_restart(
+    make_daemon: MakeDaemon, artifacts: dict[str, Path]
+) -> None:
+    daemon = make_daemon(health_timeout=30)
+    daemon.start()
+    install_and_reboot(daemon, artifacts["release-2"])
+    # The daemon restarts 29.5 s into the trial boot: only half a second is left.
+    daemon.stop()
+    (daemon.device.kernel.root / "uptime").write_text("29.50 10.00\n")
+    daemon.start()
+    deadline = time.monotonic() + 15
+    while not daemon.reboots.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    assert daemon.reboots.read_text() == "reboot\n", daemon.log_text()
+    assert daemon.device.bootloader.status().next_boot is Slot.A

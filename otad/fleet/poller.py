@@ -1,0 +1,381 @@
+"""The fleet client's loop: authenticate, poll, install, report, keep the inventory.
+
+`Poller.step()` does the work that is due and returns the seconds until it should run
+again; `Poller.run()` repeats it on a thread until stopped. The daemon supplies how to
+open an artifact URL, how to install it, how to reboot, and how to read the device
+(`DeviceView`); the poller never touches the engine itself.
+
+A deployment, as the device reports it:
+
+    downloading   before the artifact is opened
+    installing    once it is open (it streams: download and install are one pass)
+    rebooting     installed, before the reboot into the trial
+    success       after the commit (the engine's last outcome: commit of this artifact)
+    failure       the install failed, or the trial fell back or was rolled back; the
+                  deployment log (this deployment's steps and the engine's message) is
+                  uploaded first
+    already-installed   the device runs the artifact the deployment names
+
+What each answer leads to (the APIs name 200/204 for success, 400 for a malformed
+request, 401 for a missing or expired token, 404, 409 and 500; timing is not part of
+the specifications, so the intervals are otad.conf's):
+
+    answer                      auth_requests     next / inventory      status / log
+    2xx                         token             act; next poll after  go on
+                                                  poll_interval
+    401                         not accepted yet: token dropped: authenticate at once and
+                                backoff           send again; a 401 to that: backoff
+    404                         backoff           v2 next: use v1;      deployment gone:
+                                                  else backoff          stop it (a
+    409                         backoff           backoff (conflict)    deployment that is
+                                                                        installed, not yet
+                                                                        booted, is rolled
+                                                                        back)
+    other 4xx, 5xx, no answer,  backoff           backoff               backoff, then the
+    malformed answer                                                    same report again
+
+"Backoff" waits retry_interval after the first failure in a row and doubles each time,
+up to poll_interval; the first success resets it. Final statuses are kept on disk until
+the server has them, so a failure to report never loses the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from otad.artifact.streams import Readable
+from otad.errors import OtadError
+from otad.fleet.auth import AUTH_PATH, DeviceKey, authenticate
+from otad.fleet.client import Client, ServerError, Unauthorized
+from otad.fleet.config import ServerConfig
+from otad.fleet.deployments import (
+    Deployment,
+    DeploymentGone,
+    DeploymentsApi,
+    DeploymentStatus,
+    log_message,
+)
+from otad.fleet.device import DeviceView
+from otad.fleet.inventory import collect_attributes, send_inventory
+from otad.fleet.pending import Pending, PendingStore, Stage
+from otad.state import Outcome, Phase
+
+log = logging.getLogger(__name__)
+
+OpenArtifact = Callable[[str], Readable]
+Installer = Callable[[Readable, Deployment], object]
+ReadDevice = Callable[[], DeviceView]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    """What D-Bus clients see of the fleet server (times in seconds since the epoch)."""
+
+    server: str
+    reachable: bool  # the last request got an answer
+    authorized: bool  # the device holds a token
+    last_poll: float  # 0: not yet
+    last_error: str  # "" after a success
+    deployment_id: str  # the deployment in progress, "" for none
+    deployment_artifact: str
+    deployment_status: str  # the last status reported for it
+
+
+@dataclass(frozen=True)
+class DeviceHooks:
+    """What the daemon does for the poller."""
+
+    read_device: ReadDevice
+    open_artifact: OpenArtifact
+    install: Installer  # raises on failure; the engine's record tells the rest
+    reboot: Callable[[], object]
+    rollback: Callable[[], object] | None = None  # cancels an installed, unbooted update
+
+
+def _close(source: object) -> None:
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()
+
+
+def is_success_for(outcome: Outcome | None, artifact: str, started: float) -> bool:
+    """True when the engine's last outcome is this artifact committed (or installed by a
+    module that needs no commit)."""
+    return (
+        outcome is not None
+        and outcome.success
+        and outcome.operation in ("commit", "install")
+        and outcome.artifact == artifact
+        and outcome.time >= started
+    )
+
+
+class Poller:
+    """Talks to the Mender server for the daemon; run `step` from one thread only."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        client: Client,
+        key: DeviceKey,
+        identity: dict[str, str],
+        hooks: DeviceHooks,
+        directory: Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_status: Callable[[FleetStatus], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.key = key
+        self.identity = identity
+        self.hooks = hooks
+        self.api = DeploymentsApi(client)
+        self.store = PendingStore(directory)
+        self._clock = clock
+        self._on_status = on_status
+        self._pending = self.store.load()
+        self._next_poll = self._next_inventory = clock()
+        self._failures = 0
+        self._wake = threading.Event()
+        self._status = FleetStatus(config.url, False, False, 0.0, "", "", "", "")
+        if self._pending is not None:
+            self._publish(
+                deployment_id=self._pending.deployment_id,
+                deployment_artifact=self._pending.artifact_name,
+            )
+
+    # -- status -------------------------------------------------------------------
+
+    @property
+    def status(self) -> FleetStatus:
+        return self._status
+
+    def _publish(self, **changes: Any) -> None:
+        status = replace(self._status, **changes)
+        if status != self._status:
+            self._status = status
+            if self._on_status is not None:
+                self._on_status(status)
+
+    # -- the loop -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connections to the server."""
+        self.client.close()
+
+    def wake(self) -> None:
+        """Run the next step now (the daemon calls this when a commit or rollback ends)."""
+        self._wake.set()
+
+    def run(self, stop: threading.Event, sleep: Callable[[float], object] | None = None) -> None:
+        """Step until `stop` is set; waits end early on `wake()`."""
+        while not stop.is_set():
+            delay = self.step()
+            if sleep is not None:
+                sleep(delay)
+                continue
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def step(self) -> float:
+        """Do what is due; return the seconds until the next step."""
+        try:
+            return self._step()
+        except Unauthorized as error:
+            self._publish(authorized=False, reachable=True, last_error=str(error))
+            return self._backoff(error)
+        except ServerError as error:
+            self._publish(reachable=error.status is not None, last_error=str(error))
+            return self._backoff(error)
+
+    def _call(self, function: Callable[..., T], *args: Any) -> T:
+        """Call the server; after a 401, authenticate again and call once more."""
+        try:
+            return function(*args)
+        except Unauthorized as error:
+            if error.path == AUTH_PATH:
+                raise
+            log.info("the server refused the token (%s); authenticating again", error.detail)
+            self._publish(authorized=False)
+        authenticate(self.client, self.identity, self.key, self.config.tenant_token)
+        self._publish(authorized=True)
+        return function(*args)
+
+    def _backoff(self, error: ServerError) -> float:
+        self._failures += 1
+        delay: float = min(
+            self.config.poll_interval, self.config.retry_interval * 2.0 ** (self._failures - 1)
+        )
+        log.warning("%s; trying again in %.0f s", error, delay)
+        return delay
+
+    def _succeeded(self) -> None:
+        self._failures = 0
+        self._publish(reachable=True, authorized=True, last_error="")
+
+    def _step(self) -> float:
+        if self.client.token is None:
+            authenticate(self.client, self.identity, self.key, self.config.tenant_token)
+            self._succeeded()
+        if self._pending is not None:
+            self._advance(self._pending)
+            if self._pending is not None:
+                self._succeeded()
+                return self.config.retry_interval
+        now = self._clock()
+        if now >= self._next_inventory:
+            attributes = collect_attributes(self.hooks.read_device(), self.identity)
+            self._call(send_inventory, self.client, attributes)
+            self._next_inventory = now + self.config.inventory_interval
+        if now >= self._next_poll:
+            self._poll()
+            self._next_poll = self._clock() + self.config.poll_interval
+            self._publish(last_poll=time.time())
+        self._succeeded()
+        return self._delay()
+
+    def _delay(self) -> float:
+        if self._pending is not None:  # an install that waits for its trial or commit
+            return self.config.retry_interval
+        return max(0.0, min(self._next_poll, self._next_inventory) - self._clock())
+
+    # -- one deployment -----------------------------------------------------------
+
+    def _poll(self) -> None:
+        view = self.hooks.read_device()
+        if view.phase is not Phase.IDLE:
+            log.info("not checking for deployments: an update is %s", view.phase.value)
+            return
+        deployment = self._call(self.api.next_deployment, view.device_provides())
+        if deployment is None:
+            log.debug("no deployment for this device")
+            return
+        log.info("deployment %s: %s from %s", deployment.id, deployment.artifact_name,
+                 deployment.uri.split("?")[0])  # fmt: skip
+        self._publish(deployment_id=deployment.id, deployment_artifact=deployment.artifact_name)
+        if deployment.artifact_name == view.artifact_name:
+            self._report_once(deployment.id, DeploymentStatus.ALREADY_INSTALLED)
+            return
+        self._start(deployment)
+
+    def _report_once(self, deployment_id: str, status: DeploymentStatus) -> None:
+        try:
+            self._call(self.api.report_status, deployment_id, status)
+        except DeploymentGone as error:
+            log.warning("deployment %s ended on the server: %s", deployment_id, error)
+        self._publish(deployment_id="", deployment_artifact="", deployment_status=status.value)
+
+    def _save(self, pending: Pending | None) -> None:
+        self._pending = pending
+        if pending is None:
+            self.store.clear()
+            self._publish(deployment_id="", deployment_artifact="")
+        else:
+            self.store.save(pending)
+
+    def _report(self, pending: Pending, status: DeploymentStatus) -> bool:
+        """Report a step; False (and the deployment forgotten) when the server ended it.
+
+        A step the server does not get is not worth stopping for (the API makes these
+        reports optional); only the final status must arrive.
+        """
+        try:
+            self._call(self.api.report_status, pending.deployment_id, status)
+        except DeploymentGone as error:
+            log.warning("deployment %s ended on the server (%s); stopping it",
+                        pending.deployment_id, error.detail)  # fmt: skip
+            self._save(None)
+            return False
+        except ServerError as error:
+            log.warning("could not report %s, going on: %s", status.value, error)
+            return True
+        self._publish(deployment_status=status.value)
+        return True
+
+    def _start(self, deployment: Deployment) -> None:
+        pending = Pending(deployment.id, deployment.artifact_name, Stage.INSTALLING, time.time())
+        pending = pending.noted(log_message("INFO", f"downloading {deployment.artifact_name}"))
+        self._save(pending)
+        if not self._report(pending, DeploymentStatus.DOWNLOADING):
+            return
+        try:
+            source = self.hooks.open_artifact(deployment.uri)
+        except (OtadError, OSError) as error:
+            self._fail(pending, f"cannot download the artifact: {error}")
+            return
+        try:
+            if not self._report(pending, DeploymentStatus.INSTALLING):
+                return
+            pending = pending.noted(log_message("INFO", "installing"))
+            self._save(pending)
+            self.hooks.install(source, deployment)
+        except (OtadError, OSError) as error:
+            self._fail(pending, f"installing {deployment.artifact_name} failed: {error}")
+            return
+        finally:
+            _close(source)
+        pending = pending.noted(log_message("INFO", "installed"))
+        self._save(pending)
+        self._advance(pending)
+
+    def _fail(self, pending: Pending, message: str) -> None:
+        log.error("deployment %s: %s", pending.deployment_id, message)
+        failed = replace(pending.noted(log_message("ERROR", message)), stage=Stage.REPORTING,
+                         final=DeploymentStatus.FAILURE)  # fmt: skip
+        self._save(failed)
+        self._send_final(failed)
+
+    def _advance(self, pending: Pending) -> None:
+        """Move a saved deployment on, from what the engine's record says."""
+        if pending.stage is Stage.REPORTING:
+            self._send_final(pending)
+            return
+        view = self.hooks.read_device()
+        if view.phase is Phase.INSTALLED and pending.stage is Stage.INSTALLING:
+            self._reboot(pending)
+            return
+        if view.phase is not Phase.IDLE:
+            log.debug("deployment %s waits: the update is %s", pending.deployment_id,
+                      view.phase.value)  # fmt: skip
+            return
+        if is_success_for(view.last, pending.artifact_name, pending.started):
+            final = replace(pending, stage=Stage.REPORTING, final=DeploymentStatus.SUCCESS)
+            self._save(final)
+            self._send_final(final)
+            return
+        message = (
+            view.last.message
+            if view.last and view.last.time >= pending.started
+            else ("the update ended without an outcome (otad was interrupted)")
+        )
+        self._fail(pending, message)
+
+    def _reboot(self, pending: Pending) -> None:
+        rebooting = replace(pending.noted(log_message("INFO", "rebooting")), stage=Stage.REBOOTING)
+        self._save(rebooting)
+        if not self._report(rebooting, DeploymentStatus.REBOOTING):
+            if self.hooks.rollback is not None:
+                log.info("cancelling the installed update of the aborted deployment")
+                self.hooks.rollback()
+            return
+        log.info("rebooting into %s", pending.artifact_name)
+        self.hooks.reboot()
+
+    def _send_final(self, pending: Pending) -> None:
+        assert pending.final is not None
+        try:
+            if pending.final is DeploymentStatus.FAILURE:
+                self._call(self.api.upload_log, pending.deployment_id, pending.log)
+            self._call(self.api.report_status, pending.deployment_id, pending.final)
+        except DeploymentGone as error:
+            log.warning("deployment %s ended on the server: %s", pending.deployment_id, error)
+        self._publish(deployment_status=pending.final.value)
+        self._save(None)

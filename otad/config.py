@@ -22,6 +22,10 @@ key that holds it. An example, with the defaults of the optional keys:
     verify_readback = false                  # read the slot back after writing
     fsync_interval = 67108864                # bytes written between fsyncs
     allow_downgrade = false                  # the default for installs that do not say
+
+    [removable]
+    enabled = false                          # watch for USB sticks and SD cards
+    action = "announce"                      # or "install": install at once
 """
 
 from __future__ import annotations
@@ -94,6 +98,21 @@ class InstallConfig:
     allow_downgrade: bool = False
 
 
+class Action(enum.Enum):
+    """What the daemon does with a verified artifact found on a removable medium."""
+
+    INSTALL = "install"
+    ANNOUNCE = "announce"
+
+
+@dataclass(frozen=True)
+class RemovableConfig:
+    """The [removable] table of otad.conf (see otad.removable)."""
+
+    enabled: bool = False
+    action: Action = Action.ANNOUNCE
+
+
 @dataclass(frozen=True)
 class Config:
     device_type: str
@@ -103,6 +122,7 @@ class Config:
     slots: Mapping[Slot, SlotConfig]
     health_timeout: int = 300
     install: InstallConfig = field(default_factory=InstallConfig)
+    removable: RemovableConfig = field(default_factory=RemovableConfig)
 
 
 _TOP_KEYS = {
@@ -113,6 +133,7 @@ _TOP_KEYS = {
     "bootloader",
     "slots",
     "install",
+    "removable",
 }
 
 
@@ -183,6 +204,21 @@ def _parse_install(table: Mapping[str, Any]) -> InstallConfig:
     )
 
 
+def parse_removable(table: Mapping[str, Any]) -> RemovableConfig:
+    """Read the [removable] table; ConfigError names the offending key."""
+    unknown = sorted(set(table) - {"enabled", "action"})
+    if unknown:
+        raise ConfigError(f"removable.{unknown[0]}", "is not a known setting")
+    enabled = table.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError("removable.enabled", f"must be true or false, found {enabled!r}")
+    action = table.get("action", Action.ANNOUNCE.value)
+    choices = {member.value: member for member in Action}
+    if action not in choices:
+        raise ConfigError("removable.action", f"must be 'install' or 'announce', found {action!r}")
+    return RemovableConfig(enabled, choices[action])
+
+
 def parse_config(text: str, source: str = "otad.conf") -> Config:
     """Parse the TOML text of a configuration; ConfigError names the offending key."""
     try:
@@ -209,6 +245,7 @@ def parse_config(text: str, source: str = "otad.conf") -> Config:
         slots=_parse_slots(_take(table, "slots", dict, "")),
         health_timeout=timeout,
         install=_parse_install(_take(table, "install", dict, "", {})),
+        removable=parse_removable(_take(table, "removable", dict, "", {})),
     )
 
 

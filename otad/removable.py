@@ -41,11 +41,13 @@ announced with `announce(MediumArtifact)` so that a program can ask for confirma
 call `RemovableUpdates.install_offered()`, which mounts the same medium again, checks it
 holds the very artifact announced and installs it.
 
-Proposed settings, in otad.conf:
+The settings are otad.conf's [removable] table (otad.config.RemovableConfig):
 
     [removable]
     enabled = false          # watch for media at all
     action = "announce"      # "install": install at once; "announce": wait for confirmation
+
+otad.media runs this inside the daemon.
 """
 
 from __future__ import annotations
@@ -64,18 +66,17 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyudev
 
 from otad.artifact.reader import ArtifactHeader, VerifyPolicy, verify_artifact
 from otad.artifact.signing import Verifier
 from otad.artifact.streams import Readable
+from otad.config import Action, RemovableConfig
 from otad.devices import SystemPaths, mounted_device_numbers, probe
 from otad.errors import (
     ArtifactError,
     CommandFailed,
-    ConfigError,
     DeviceError,
     OtadError,
     UsageError,
@@ -143,37 +144,6 @@ class ArtifactChanged(ArtifactError):
     """The medium no longer holds the artifact that was announced and confirmed."""
 
 
-# -- configuration --------------------------------------------------------------------
-
-
-class Action(enum.Enum):
-    INSTALL = "install"
-    ANNOUNCE = "announce"
-
-
-@dataclass(frozen=True)
-class RemovableConfig:
-    """The [removable] table of otad.conf."""
-
-    enabled: bool = False
-    action: Action = Action.ANNOUNCE
-
-
-def parse_removable(table: Mapping[str, Any]) -> RemovableConfig:
-    """Read the [removable] table; ConfigError names the offending key."""
-    unknown = sorted(set(table) - {"enabled", "action"})
-    if unknown:
-        raise ConfigError(f"removable.{unknown[0]}", "is not a known setting")
-    enabled = table.get("enabled", False)
-    if not isinstance(enabled, bool):
-        raise ConfigError("removable.enabled", f"must be true or false, found {enabled!r}")
-    action = table.get("action", Action.ANNOUNCE.value)
-    choices = {member.value: member for member in Action}
-    if action not in choices:
-        raise ConfigError("removable.action", f"must be 'install' or 'announce', found {action!r}")
-    return RemovableConfig(enabled, choices[action])
-
-
 # -- detection ------------------------------------------------------------------------
 
 
@@ -217,6 +187,20 @@ def is_removable(disk_dir: Path, properties: Mapping[str, str]) -> bool:
     if _read_attribute(disk_dir, "removable") == "1":
         return True
     return _has_usb_ancestor(disk_dir)
+
+
+def is_loop_backed_under(directory: Path) -> MediumPredicate:
+    """A predicate for tests: loop devices whose backing file lies below `directory`.
+
+    Loop devices are never removable in sysfs; this lets a test's own images stand in
+    for sticks without accepting any other disk on the machine.
+    """
+
+    def accepts(disk_dir: Path, properties: Mapping[str, str]) -> bool:
+        backing = _read_attribute(disk_dir, "loop/backing_file")
+        return bool(backing) and directory in Path(backing).parents
+
+    return accepts
 
 
 def _read_uevent(directory: Path) -> dict[str, str]:
@@ -504,6 +488,7 @@ class MediumArtifact:
     version: str | None
     device_types: tuple[str, ...]
     manifest_sha256: str
+    payload_type: str = ""  # "" for a bootstrap artifact
 
 
 class Status(enum.Enum):
@@ -523,6 +508,7 @@ class Outcome:
     status: Status
     message: str
     artifact: MediumArtifact | None = None
+    error: OtadError | None = None  # why nothing was installed or announced
 
 
 def _status_of(error: OtadError) -> Status:
@@ -541,6 +527,14 @@ Announce = Callable[[MediumArtifact], None]
 
 def _manifest_digest(header: ArtifactHeader) -> str:
     return hashlib.sha256(header.manifest.serialize()).hexdigest()
+
+
+def is_present(medium: Medium) -> bool:
+    """Whether the disk still holds the medium that appeared (same DISKSEQ, not empty)."""
+    size = _read_attribute(medium.sys_dir, "size")
+    return (
+        size not in ("", "0") and _read_uevent(medium.sys_dir).get("DISKSEQ", "") == medium.diskseq
+    )
 
 
 class RemovableUpdates:
@@ -629,12 +623,10 @@ class RemovableUpdates:
     def _failed(medium: str, error: OtadError) -> Outcome:
         status = _status_of(error)
         log.warning("%s; nothing from this medium was installed", error)
-        return Outcome(medium, status, str(error))
+        return Outcome(medium, status, str(error), error=error)
 
     def _check_still_present(self, medium: Medium) -> None:
-        fields = _read_uevent(medium.sys_dir)
-        size = _read_attribute(medium.sys_dir, "size")
-        if size in ("", "0") or fields.get("DISKSEQ", "") != medium.diskseq:
+        if not is_present(medium):
             raise MediumGone(medium.name, "was removed or replaced since it was announced")
 
     @contextlib.contextmanager
@@ -649,16 +641,17 @@ class RemovableUpdates:
             stream = stack.enter_context(open_artifact(root_fd, name, medium.name, volume_name))
             log.info("medium %s: verifying %s (%d bytes)", medium.name, stream.where, stream.size())
             header, _ = verify_artifact(stream, self._policy)
-            payload_version = header.payloads[0].software_version if header.payloads else None
+            first = header.payloads[0] if header.payloads else None
             found = MediumArtifact(
                 medium,
                 volume_name,
                 name,
                 stream.size(),
                 header.name,
-                payload_version,
+                first.software_version if first else None,
                 header.compatible_devices,
                 _manifest_digest(header),
+                (first.type or "") if first else "",
             )
             yield found, stream
 

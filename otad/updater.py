@@ -178,7 +178,7 @@ class Updater:
         self._cancel: threading.Event | None = None
         self._verifiers: tuple[Verifier, ...] | None = None
         self._health_gate: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -186,12 +186,14 @@ class Updater:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, functools.partial(function, *args, **kwargs))
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    def _trusted_keys(self) -> tuple[Verifier, ...]:
+    def trusted_keys(self) -> tuple[Verifier, ...]:
+        """The verifiers of otad.conf's trusted_keys, loaded once."""
         if self._verifiers is None:
             self._verifiers = tuple(load_verifier(key) for key in self.engine.config.trusted_keys)
         return self._verifiers
@@ -348,6 +350,17 @@ class Updater:
         compatibility checked before this returns, so that such errors reach the caller
         directly; a pipe is checked as it is installed.
         """
+        job, _ = await self.start_install(source, options)
+        return job
+
+    async def start_install(
+        self, source: BufferedReader, options: InstallOptions
+    ) -> tuple[str, asyncio.Task[Exception | None]]:
+        """As `install`, and also return the install's task, whose result is its error.
+
+        For a caller that must keep `source` usable until the install ends (a mounted
+        medium); the listener hears of the completion as for any install.
+        """
         try:
             self._claim(Operation.INSTALL)
         except StateConflict:
@@ -363,8 +376,7 @@ class Updater:
         self._cancel = threading.Event()
         self._progress = (0, "verifying the artifact")
         await self.refresh()
-        self._spawn(self._run_install(job, source, options, target, self._cancel))
-        return job
+        return job, self._spawn(self._run_install(job, source, options, target, self._cancel))
 
     def _check_before_install(self, source: BufferedReader, options: InstallOptions) -> Slot:
         snapshot = self.engine.snapshot()
@@ -380,7 +392,7 @@ class Updater:
         if not is_seekable(source):
             return booted.other
         start = source.tell()
-        reader = ArtifactReader(source, VerifyPolicy(self._trusted_keys(), require_signature=True))
+        reader = ArtifactReader(source, VerifyPolicy(self.trusted_keys(), require_signature=True))
         header = reader.read_header()
         config = self.engine.config
         allowed = options.allow_downgrade
@@ -398,7 +410,7 @@ class Updater:
         options: InstallOptions,
         target: Slot,
         cancel: threading.Event,
-    ) -> None:
+    ) -> Exception | None:
         loop = asyncio.get_running_loop()
         posted = [-1]
 
@@ -422,7 +434,7 @@ class Updater:
         except Exception as error:
             self._note_failure("install", error)
             await self._finish(job, error, error_message(error))
-            return
+            return error
         message = f"installed {result.artifact} into slot {result.slot.value}"
         if result.needs_reboot:
             message += "; reboot to try it"
@@ -432,6 +444,7 @@ class Updater:
         await self._finish(job, None, message)
         if options.reboot and result.needs_reboot:
             await self._reboot_now()
+        return None
 
     async def _finish(self, job: str, error: Exception | None, message: str) -> None:
         self._operation = Operation.NONE
@@ -492,7 +505,7 @@ class Updater:
             return await self._blocking(self._inspect, source)
 
     def _inspect(self, source: BufferedReader) -> ArtifactInfo:
-        policy = VerifyPolicy(self._trusted_keys(), require_signature=False)
+        policy = VerifyPolicy(self.trusted_keys(), require_signature=False)
         header, files = verify_artifact(source, policy)
         description = describe(header, files)
         payload = description["payloads"][0] if description["payloads"] else {}

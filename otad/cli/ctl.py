@@ -27,7 +27,7 @@ from otad.cli.common import (
     setup_logging,
 )
 from otad.dbus import errors
-from otad.dbus.client import Completed, PropertiesChanged, ServiceLost, UpdaterClient
+from otad.dbus.client import Completed, Event, PropertiesChanged, ServiceLost, UpdaterClient
 from otad.errors import EnvironmentProblem
 
 PROGRAM = "otactl"
@@ -151,12 +151,27 @@ async def _start_install(client: UpdaterClient, source: str, options: dict[str, 
         return await client.install_fd(local.fileno(), options)
 
 
-async def _install(client: UpdaterClient, args: argparse.Namespace) -> int:
+def _install_options(args: argparse.Namespace) -> dict[str, Variant]:
     options = {"reboot": Variant("b", args.reboot)}
     if args.allow_downgrade:
         options["allow-downgrade"] = Variant("b", True)
+    return options
+
+
+async def _install(client: UpdaterClient, args: argparse.Namespace) -> int:
     events = await client.subscribe()
-    job = await _start_install(client, args.source, options)
+    job = await _start_install(client, args.source, _install_options(args))
+    return await _follow(events, job)
+
+
+async def _install_offered(client: UpdaterClient, args: argparse.Namespace) -> int:
+    events = await client.subscribe()
+    job = await client.install_offered(args.medium, _install_options(args))
+    return await _follow(events, job)
+
+
+async def _follow(events: asyncio.Queue[Event], job: str) -> int:
+    """Show the install's progress until it completes; its result is the exit code."""
     view = ProgressView(sys.stdout)
     while True:
         event = await events.get()
@@ -214,6 +229,24 @@ async def _rollback(client: UpdaterClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _offers(client: UpdaterClient, args: argparse.Namespace) -> int:
+    offers = await client.offers()
+    if args.json:
+        _print_json(
+            [
+                {"medium": medium, **{key.replace("-", "_"): value for key, value in info.items()}}
+                for medium, info in offers
+            ]
+        )
+        return EXIT_OK
+    if not offers:
+        print("no artifact is on offer from removable media")
+    for medium, info in offers:
+        version = f" {info['version']}" if info["version"] else ""
+        print(f"{medium}: {info['name']}{version} ({info['file']}, {info['size']} bytes)")
+    return EXIT_OK
+
+
 async def _slots(client: UpdaterClient, args: argparse.Namespace) -> int:
     slots = await client.slots()
     if args.json:
@@ -242,6 +275,13 @@ async def _slots(client: UpdaterClient, args: argparse.Namespace) -> int:
 # -- the command line -----------------------------------------------------------------
 
 
+def _add_install_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reboot", action="store_true", help="reboot once it is installed")
+    parser.add_argument(
+        "--allow-downgrade", action="store_true", help="install even an older release"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -257,11 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     install = commands.add_parser("install", help="install an artifact into the inactive slot")
     install.add_argument("source", metavar="SOURCE", help="an artifact file, or - for stdin")
-    install.add_argument("--reboot", action="store_true", help="reboot once it is installed")
-    install.add_argument(
-        "--allow-downgrade", action="store_true", help="install even an older release"
-    )
+    _add_install_options(install)
     install.set_defaults(run=_install)
+
+    offers = commands.add_parser("offers", help="the artifacts removable media offer")
+    offers.add_argument("--json", action="store_true", help="print JSON")
+    offers.set_defaults(run=_offers)
+
+    offered = commands.add_parser(
+        "install-offered", help="install the artifact a removable medium offers"
+    )
+    offered.add_argument("medium", metavar="MEDIUM", help="the medium's disk, as offers names it")
+    _add_install_options(offered)
+    offered.set_defaults(run=_install_offered)
 
     inspect = commands.add_parser("inspect", help="verify and describe an artifact")
     inspect.add_argument("source", metavar="SOURCE", help="an artifact file")

@@ -3,7 +3,8 @@
 At start it reads otad.conf, finishes or undoes what an interrupted run left (the
 engine's recovery), owns the bus name and tells systemd it is ready. While the booted
 slot runs on trial it rolls back and reboots unless the trial is committed within the
-configured health_timeout.
+configured health_timeout. With [removable] enabled it watches for USB sticks and SD
+cards and installs or announces the artifact it finds on them (otad.media).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from otad.dbus.service import Updater1Service, note_caller
 from otad.devices import SystemPaths
 from otad.engine import Engine
 from otad.errors import EnvironmentProblem, UsageError
+from otad.media import MediaUpdates
 from otad.process import run
+from otad.removable import MEDIA_DIR, MediumPredicate, is_loop_backed_under, is_removable
 from otad.sdnotify import notify, watchdog_interval
 from otad.updater import Status, Updater
 
@@ -63,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--proc", type=Path, default=Path("/proc"), help=argparse.SUPPRESS
     )  # the kernel's /proc; tests point it at a prepared directory
+    parser.add_argument(
+        "--removable-backing-dir", type=Path, metavar="DIR", help=argparse.SUPPRESS
+    )  # tests only: loop devices backed by files under DIR count as removable media
+    parser.add_argument(
+        "--media-dir", type=Path, default=MEDIA_DIR, help=argparse.SUPPRESS
+    )  # tests only: where media are mounted instead of /run/otad/media
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser
@@ -93,6 +102,18 @@ class _Announcer:
 
     def completed(self, job: str, error: Exception | None, message: str) -> None:
         self.interface.completed(job, error, message)
+
+
+def _media(updater: Updater, args: argparse.Namespace) -> MediaUpdates:
+    predicate: MediumPredicate = is_removable
+    if args.removable_backing_dir is not None:
+        log.warning(
+            "test mode: loop devices backed by files under %s count as removable media",
+            args.removable_backing_dir,
+        )
+        predicate = is_loop_backed_under(args.removable_backing_dir.resolve())
+    config = updater.engine.config.removable
+    return MediaUpdates(updater, config, predicate=predicate, media_dir=args.media_dir)
 
 
 def _reboot(argv: list[str]) -> None:
@@ -137,22 +158,29 @@ async def serve(args: argparse.Namespace) -> int:
     status = await updater.start()
     log.info("started: %s", _status_line(status))
 
+    media = _media(updater, args)
     bus = await connect(args.bus_address)
     watchdog: asyncio.Task[None] | None = None
     try:
-        interface = Updater1Interface(Updater1Service(updater, Authorizer(bus, args.group)), status)
+        service = Updater1Service(updater, Authorizer(bus, args.group), media)
+        interface = Updater1Interface(service, status)
         updater.listener = _Announcer(interface)
+        media.offered = interface.offered
         bus.add_message_handler(note_caller)
         bus.export(OBJECT_PATH, interface)
         await _own_name(bus)
+        media.start()
         notify("READY=1", f"STATUS={_status_line(updater.status)}")
         interval = watchdog_interval()
         if interval is not None:
             watchdog = asyncio.ensure_future(_ping_watchdog(interval))
         await _wait_for_stop(bus)
         notify("STOPPING=1")
+        media.stop()
         await updater.stop(STOP_TIMEOUT)
+        await media.join(STOP_TIMEOUT)
     finally:
+        media.stop()
         if watchdog is not None:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,9 +1,9 @@
 """Who may change the device: the daemon's own authorization of D-Bus callers.
 
 The bus policy lets everyone call the interface; the daemon decides. Reading (the
-properties, GetSlots, Inspect of a file every user may read) is open to all. Changing
-the device (Install, InstallFd, Cancel: action org.otad.install; Commit, Rollback:
-org.otad.manage) is allowed
+properties, GetSlots, GetOffers, Inspect of a file every user may read) is open to all.
+Changing the device (Install, InstallFd, InstallOffered, Cancel: action org.otad.install;
+Commit, Rollback: org.otad.manage) is allowed
 
   - always to root (uid 0);
   - where polkit is on the bus (running or activatable), to whom polkit's

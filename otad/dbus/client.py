@@ -26,6 +26,12 @@ class Completed:
 
 
 @dataclass(frozen=True)
+class ArtifactOffered:
+    medium: str
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class PropertiesChanged:
     changed: dict[str, Any]
 
@@ -35,7 +41,7 @@ class ServiceLost:
     """The daemon left the bus."""
 
 
-Event = Completed | PropertiesChanged | ServiceLost
+Event = Completed | ArtifactOffered | PropertiesChanged | ServiceLost
 
 
 def _event(message: Message) -> Event | None:
@@ -45,6 +51,9 @@ def _event(message: Message) -> Event | None:
         if message.member == "Completed":
             job, result, text = message.body
             return Completed(job, result, text)
+        if message.member == "ArtifactOffered":
+            medium, info = message.body
+            return ArtifactOffered(medium, dict(unwrap(info)))
     elif message.path == OBJECT_PATH and message.member == "PropertiesChanged":
         interface, changed, _invalidated = message.body
         if interface == INTERFACE:
@@ -95,6 +104,14 @@ class UpdaterClient:
         (job,) = await self._call("InstallFd", "ha{sv}", [0, dict(options)], [descriptor])
         return str(job)
 
+    async def install_offered(self, medium: str, options: Mapping[str, Variant]) -> str:
+        (job,) = await self._call("InstallOffered", "sa{sv}", [medium, dict(options)])
+        return str(job)
+
+    async def offers(self) -> list[tuple[str, dict[str, Any]]]:
+        (entries,) = await self._call("GetOffers")
+        return [(medium, dict(unwrap(info))) for medium, info in entries]
+
     async def cancel(self) -> None:
         await self._call("Cancel")
 
@@ -113,7 +130,7 @@ class UpdaterClient:
         return [(name, dict(unwrap(values))) for name, values in entries]
 
     async def subscribe(self) -> asyncio.Queue[Event]:
-        """Start receiving Completed, PropertiesChanged and the daemon's leaving.
+        """Start receiving Completed, ArtifactOffered, PropertiesChanged, the daemon's leaving.
 
         The match rules are in place when this returns, so nothing an operation
         started afterwards sends is missed.
@@ -129,6 +146,8 @@ class UpdaterClient:
         rules = (
             f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{INTERFACE}',"
             "member='Completed'",
+            f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{INTERFACE}',"
+            "member='ArtifactOffered'",
             f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{PROPERTIES}',"
             "member='PropertiesChanged'",
             f"type='signal',sender='{BUS_DAEMON}',interface='{BUS_DAEMON}',"

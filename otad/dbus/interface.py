@@ -15,7 +15,8 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from otad.dbus import INTERFACE
 from otad.dbus.errors import completion_result
-from otad.dbus.service import Updater1Service, status_properties
+from otad.dbus.service import Updater1Service, offer_entry, status_properties
+from otad.removable import MediumArtifact
 from otad.updater import Status
 
 
@@ -39,6 +40,11 @@ class Updater1Interface(ServiceInterface):
     def completed(self, job: str, error: Exception | None, message: str) -> None:
         self.Completed(job, completion_result(error), message)
 
+    # -- otad.media.MediaUpdates.offered ----------------------------------------------
+
+    def offered(self, offer: MediumArtifact) -> None:
+        self.ArtifactOffered(offer.medium.name, offer_entry(offer))
+
     # -- methods --------------------------------------------------------------------
 
     @method()
@@ -48,6 +54,14 @@ class Updater1Interface(ServiceInterface):
     @method()
     async def InstallFd(self, fd: "h", options: "a{sv}") -> "s":
         return await self._service.install_fd(fd, options)
+
+    @method()
+    async def InstallOffered(self, medium: "s", options: "a{sv}") -> "s":
+        return await self._service.install_offered(medium, options)
+
+    @method()
+    async def GetOffers(self) -> "a(sa{sv})":
+        return await self._service.get_offers()
 
     @method()
     async def Cancel(self) -> "":
@@ -74,6 +88,10 @@ class Updater1Interface(ServiceInterface):
     @signal()
     def Completed(self, job: str, result: int, message: str) -> "sis":
         return [job, result, message]
+
+    @signal()
+    def ArtifactOffered(self, medium: str, info: dict[str, Any]) -> "sa{sv}":
+        return [medium, info]
 
     # -- properties (read-only; PropertiesChanged comes from status_changed) ----------
 

@@ -25,6 +25,8 @@ from otad.dbus import INTERFACE
 from otad.dbus.authorize import ACTION_INSTALL, ACTION_MANAGE, Authorizer
 from otad.dbus.errors import translate
 from otad.errors import UsageError
+from otad.media import MediaUpdates
+from otad.removable import MediumArtifact
 from otad.sources import is_public, open_descriptor, open_path
 from otad.updater import ArtifactInfo, InstallOptions, SlotInfo, Status, Updater
 
@@ -101,6 +103,19 @@ def artifact_entry(info: ArtifactInfo) -> dict[str, Variant]:
     }
 
 
+def offer_entry(offer: MediumArtifact) -> dict[str, Variant]:
+    """The a{sv} of ArtifactOffered and GetOffers: the verified artifact on a medium."""
+    return {
+        "name": Variant("s", offer.artifact),
+        "version": Variant("s", offer.version or ""),
+        "payload-type": Variant("s", offer.payload_type),
+        "devices": Variant("as", list(offer.device_types)),
+        "signature": Variant("s", "verified"),  # a medium's artifact must be signed
+        "size": Variant("t", offer.size),
+        "file": Variant("s", offer.file),
+    }
+
+
 def _install_options(options: Mapping[str, Variant]) -> InstallOptions:
     values = parse_options(options, INSTALL_OPTIONS)
     return InstallOptions(
@@ -112,9 +127,10 @@ def _install_options(options: Mapping[str, Variant]) -> InstallOptions:
 class Updater1Service:
     """The typed implementation behind otad.dbus.interface.Updater1Interface."""
 
-    def __init__(self, updater: Updater, authorizer: Authorizer) -> None:
+    def __init__(self, updater: Updater, authorizer: Authorizer, media: MediaUpdates) -> None:
         self.updater = updater
         self.authorizer = authorizer
+        self.media = media
 
     @staticmethod
     async def _guard(work: Awaitable[T]) -> T:
@@ -150,6 +166,21 @@ class Updater1Service:
             raise
         log.info("install from a passed file descriptor requested")
         return await self.updater.install(open_descriptor(descriptor), request)
+
+    async def install_offered(self, medium: str, options: Mapping[str, Variant]) -> str:
+        return await self._guard(self._install_offered(medium, options))
+
+    async def _install_offered(self, medium: str, options: Mapping[str, Variant]) -> str:
+        await self._authorize(ACTION_INSTALL, "install an update")
+        request = _install_options(options)
+        log.info("install of the artifact offered from medium %s requested", medium)
+        return await self.media.install_offered(medium, request)
+
+    async def get_offers(self) -> list[list[Any]]:
+        return await self._guard(self._get_offers())
+
+    async def _get_offers(self) -> list[list[Any]]:
+        return [[offer.medium.name, offer_entry(offer)] for offer in self.media.offers()]
 
     async def cancel(self) -> None:
         await self._guard(self._cancel())

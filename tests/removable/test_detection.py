@@ -13,22 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from otad.config import Action, RemovableConfig, parse_removable
 from otad.devices import SystemPaths
 from otad.errors import ConfigError, DeviceError
 from otad.removable import (
-    Action,
     AmbiguousArtifacts,
     Medium,
     MediumTracker,
     NoArtifact,
-    RemovableConfig,
     UnsafeEntry,
     _private_directory,
     find_artifact,
     is_artifact_name,
     is_removable,
     open_artifact,
-    parse_removable,
 )
 
 USB_DISK = "devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/host6/target6:0:0/6:0:0:0/block/sdb"

@@ -17,14 +17,13 @@ import pytest
 from otad.artifact.reader import VerifyPolicy, verify_artifact
 from otad.artifact.signing import Verifier
 from otad.artifact.streams import Readable
+from otad.config import Action, RemovableConfig
 from otad.removable import (
-    Action,
     MediumArtifact,
     MediumFile,
     MediumTracker,
     MediumWatcher,
     Outcome,
-    RemovableConfig,
     RemovableUpdates,
     Status,
     default_source,

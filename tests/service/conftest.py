@@ -133,6 +133,8 @@ class Daemon:
     directory: Path
     health_timeout: int = 300
     group: str = "otad"
+    extra_config: str = ""  # appended to otad.conf (tables such as [removable])
+    extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     notifications: list[str] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
@@ -155,7 +157,7 @@ class Daemon:
         text = self.device.config_text.replace(
             'backend = "file"\n', f'backend = "file"\npath = "{self.device.bootloader.path}"\n'
         )
-        self.config.write_text(f"health_timeout = {self.health_timeout}\n{text}")
+        self.config.write_text(f"health_timeout = {self.health_timeout}\n{text}{self.extra_config}")
 
     def argv(self) -> list[str]:
         return [
@@ -173,6 +175,7 @@ class Daemon:
             "--group",
             self.group,
             "-vv",
+            *self.extra_args,
         ]
 
     def start(self) -> None:

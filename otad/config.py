@@ -26,6 +26,18 @@ key that holds it. An example, with the defaults of the optional keys:
     [removable]
     enabled = false                          # watch for USB sticks and SD cards
     action = "announce"                      # or "install": install at once
+
+    [download]                               # installs from https:// URLs
+    # ca_bundle = "/etc/otad/server-ca.pem"  # trust these CAs instead of the system's
+    # pinned_sha256 = "ab12..."              # or exactly this server certificate
+    # client_cert = "/etc/otad/device.crt"   # mutual TLS: the device's identity
+    # client_key = "/etc/otad/device.key"
+    allow_http = false                       # plain http only if set; the signature
+                                             # is what is trusted either way
+    retries = 8                              # failed attempts in a row before giving up
+    retry_time = 600                         # seconds of backoff in all
+    connect_timeout = 15
+    read_timeout = 60                        # a stall longer than this resumes
 """
 
 from __future__ import annotations
@@ -35,10 +47,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otad.bootloader.base import Slot
 from otad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from otad.download import DownloadSettings
 
 DEFAULT_PATH = Path("/etc/otad/otad.conf")
 
@@ -123,6 +138,8 @@ class Config:
     health_timeout: int = 300
     install: InstallConfig = field(default_factory=InstallConfig)
     removable: RemovableConfig = field(default_factory=RemovableConfig)
+    # None: the defaults of otad.download.DownloadSettings (system CAs, https only).
+    download: DownloadSettings | None = None
 
 
 _TOP_KEYS = {
@@ -134,6 +151,7 @@ _TOP_KEYS = {
     "slots",
     "install",
     "removable",
+    "download",
 }
 
 
@@ -219,6 +237,16 @@ def parse_removable(table: Mapping[str, Any]) -> RemovableConfig:
     return RemovableConfig(enabled, choices[action])
 
 
+def _parse_download(table: Mapping[str, Any]) -> DownloadSettings | None:
+    if "download" not in table:
+        return None
+    # Imported here: it brings in requests, which a device that never downloads need
+    # not load, and otad.download must not import this module back.
+    from otad.download import parse_download_settings
+
+    return parse_download_settings(_take(table, "download", dict, ""))
+
+
 def parse_config(text: str, source: str = "otad.conf") -> Config:
     """Parse the TOML text of a configuration; ConfigError names the offending key."""
     try:
@@ -246,6 +274,7 @@ def parse_config(text: str, source: str = "otad.conf") -> Config:
         health_timeout=timeout,
         install=_parse_install(_take(table, "install", dict, "", {})),
         removable=parse_removable(_take(table, "removable", dict, "", {})),
+        download=_parse_download(table),
     )
 
 

@@ -1,8 +1,10 @@
-"""Where an artifact the daemon reads comes from: a path it opens, or a descriptor passed to it.
+"""Where an artifact the daemon reads comes from: a path it opens, a descriptor passed to
+it, or an https URL it downloads (otad.download, streamed straight into the engine).
 
-Both become a binary file object the engine reads from. A path must be absolute and name
-a regular file: the daemon never opens a FIFO or a device a caller points it at, which
-could block it or read a disk. A passed descriptor may be a pipe (`otactl install -`).
+Paths and descriptors become a binary file object the engine reads from. A path must be
+absolute and name a regular file: the daemon never opens a FIFO or a device a caller
+points it at, which could block it or read a disk. A passed descriptor may be a pipe
+(`otactl install -`).
 """
 
 from __future__ import annotations
@@ -12,18 +14,37 @@ import os
 import stat
 from io import BufferedReader
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from otad.errors import UsageError
+
+if TYPE_CHECKING:
+    from otad.download import DownloadSettings, HttpSource
+
+# What the engine reads an artifact from: a file object, or a download.
+Source: TypeAlias = "BufferedReader | HttpSource"
 
 _URL_SCHEMES = ("http://", "https://")
 
 
+def is_url(text: str) -> bool:
+    return text.startswith(_URL_SCHEMES)
+
+
+def open_source(text: str, download: DownloadSettings | None) -> Source:
+    """An absolute path opened for reading, or an http(s) URL streamed as it is read."""
+    if not is_url(text):
+        return open_path(text)
+    # Imported here so that a device that never downloads does not load requests.
+    from otad.download import DownloadSettings, HttpSource
+
+    return HttpSource(text, download or DownloadSettings())
+
+
 def open_path(text: str) -> BufferedReader:
     """Open the artifact at the absolute path `text` for reading; UsageError if it cannot be."""
-    if text.startswith(_URL_SCHEMES):
-        # TODO: download artifacts over HTTP(S) when the download issue lands; until
-        # then a client passes a file or a descriptor.
-        raise UsageError(f"{text}: downloading artifacts is not supported yet; pass a file")
+    if is_url(text):
+        raise UsageError(f"{text}: a URL where a local file is needed")
     if not os.path.isabs(text):
         raise UsageError(f"{text!r} is not an absolute path")
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -60,8 +81,10 @@ def open_descriptor(descriptor: int) -> BufferedReader:
     return open(descriptor, "rb")  # the caller owns and closes it
 
 
-def is_seekable(source: BufferedReader) -> bool:
+def is_seekable(source: Source) -> bool:
     """True for a regular file, which can be read twice (checked, then installed)."""
+    if not isinstance(source, BufferedReader):
+        return False  # a download is checked as it streams
     return stat.S_ISREG(os.fstat(source.fileno()).st_mode)
 
 

@@ -34,7 +34,7 @@ from otad.compat import check_compatible
 from otad.engine import Engine, Snapshot
 from otad.errors import NoSpace, NotAuthorized, OtadError, StateConflict, UsageError
 from otad.slots import SlotDevice
-from otad.sources import is_seekable
+from otad.sources import Source, is_seekable
 from otad.state import Phase, SlotStatus
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ class Updater:
 
     # -- install --------------------------------------------------------------------
 
-    async def install(self, source: BufferedReader, options: InstallOptions) -> str:
+    async def install(self, source: Source, options: InstallOptions) -> str:
         """Check `source` and start installing it in the background; return the job id.
 
         A source that can be read twice (a regular file) has its header verified and its
@@ -354,7 +354,7 @@ class Updater:
         return job
 
     async def start_install(
-        self, source: BufferedReader, options: InstallOptions
+        self, source: Source, options: InstallOptions
     ) -> tuple[str, asyncio.Task[Exception | None]]:
         """As `install`, and also return the install's task, whose result is its error.
 
@@ -378,7 +378,7 @@ class Updater:
         await self.refresh()
         return job, self._spawn(self._run_install(job, source, options, target, self._cancel))
 
-    def _check_before_install(self, source: BufferedReader, options: InstallOptions) -> Slot:
+    def _check_before_install(self, source: Source, options: InstallOptions) -> Slot:
         snapshot = self.engine.snapshot()
         state, booted = snapshot.state, snapshot.booted
         if state.phase is Phase.TRIAL and booted is state.target:
@@ -389,8 +389,8 @@ class Updater:
             raise StateConflict(
                 f"an update is {state.phase.value}: reboot into it, or roll back, first"
             )
-        if not is_seekable(source):
-            return booted.other
+        if not is_seekable(source) or not isinstance(source, BufferedReader):
+            return booted.other  # a pipe or a download is checked as it streams
         start = source.tell()
         reader = ArtifactReader(source, VerifyPolicy(self.trusted_keys(), require_signature=True))
         header = reader.read_header()
@@ -406,7 +406,7 @@ class Updater:
     async def _run_install(
         self,
         job: str,
-        source: BufferedReader,
+        source: Source,
         options: InstallOptions,
         target: Slot,
         cancel: threading.Event,
@@ -499,12 +499,12 @@ class Updater:
 
     # -- inspect --------------------------------------------------------------------
 
-    async def inspect(self, source: BufferedReader) -> ArtifactInfo:
+    async def inspect(self, source: Source) -> ArtifactInfo:
         """Verify a whole artifact with the trusted keys and describe it."""
         with source:
             return await self._blocking(self._inspect, source)
 
-    def _inspect(self, source: BufferedReader) -> ArtifactInfo:
+    def _inspect(self, source: Source) -> ArtifactInfo:
         policy = VerifyPolicy(self.trusted_keys(), require_signature=False)
         header, files = verify_artifact(source, policy)
         description = describe(header, files)
@@ -516,7 +516,7 @@ class Updater:
             payload_type=payload.get("type") or "",
             signature=description["signature"]["status"],
             signed_by=description["signature"].get("key", ""),
-            size=source.tell(),
+            size=source.tell() if isinstance(source, BufferedReader) else source.position,
         )
 
     # -- stopping -------------------------------------------------------------------

@@ -27,7 +27,7 @@ from otad.dbus.errors import translate
 from otad.errors import UsageError
 from otad.media import MediaUpdates
 from otad.removable import MediumArtifact
-from otad.sources import is_public, open_descriptor, open_path
+from otad.sources import is_public, is_url, open_descriptor, open_path, open_source
 from otad.updater import ArtifactInfo, InstallOptions, SlotInfo, Status, Updater
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,8 @@ class Updater1Service:
         await self._authorize(ACTION_INSTALL, "install an update")
         request = _install_options(options)
         log.info("install of %s requested", source)
-        return await self.updater.install(open_path(source), request)
+        download = self.updater.engine.config.download
+        return await self.updater.install(open_source(source, download), request)
 
     async def install_fd(self, descriptor: int, options: Mapping[str, Variant]) -> str:
         return await self._guard(self._install_fd(descriptor, options))
@@ -208,6 +209,9 @@ class Updater1Service:
         return await self._guard(self._inspect(source))
 
     async def _inspect(self, source: str) -> dict[str, Variant]:
+        if is_url(source):
+            download = self.updater.engine.config.download
+            return artifact_entry(await self.updater.inspect(open_source(source, download)))
         artifact = open_path(source)
         try:
             if not is_public(artifact):

@@ -249,7 +249,7 @@ def test_bad_options_are_invalid_args(
 @pytest.mark.parametrize(
     ("source", "text"),
     [
-        ("https://updates.example.com/release-2.mender", "not supported yet"),
+        ("ftp://updates.example.com/release-2.mender", "is not an absolute path"),
         ("relative/release-2.mender", "is not an absolute path"),
         ("/nonexistent/release-2.mender", "No such file or directory"),
         ("/dev/null", "is not a regular file"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from convert.errors import AlreadyConverted, ImageError, NotSupportedYet, PackageFailed
 from convert.layout import Plan
 from convert.mounts import chroot_mounts
-from otad.errors import CommandFailed, UsageError
+from otad.errors import UsageError
 from otad.process import run
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ GROW_UNIT = "otad-grow-data.service"
 GROW_SCRIPT = Path("usr/local/lib/otad/otad-grow-data")
 ELF_MACHINES = {0x3E: "amd64", 0xB7: "arm64", 0x28: "armhf", 0x03: "i386", 0xF3: "riscv64"}
 _CMDLINE = re.compile(r"^\s*GRUB_CMDLINE_LINUX(?:_DEFAULT)?=(.*)$", re.MULTILINE)
+_STAGING = "tmp/otad-convert-debs"  # in the root, while --deb packages install
 _SAFE_ARG = re.compile(r"[A-Za-z0-9_./,:+=@-]+")
 
 
@@ -236,7 +237,7 @@ def install_debs(root: Path, debs: Sequence[Path]) -> None:
     """Install `debs` with dpkg in a chroot of `root`, no network, no services started."""
     if not debs:
         return
-    staging = root / "tmp/otad-convert-debs"
+    staging = root / _STAGING
     staging.mkdir(parents=True)
     policy = root / "usr/sbin/policy-rc.d"
     had_policy = policy.exists()
@@ -244,32 +245,56 @@ def install_debs(root: Path, debs: Sequence[Path]) -> None:
         names = []
         for deb in debs:
             run(["cp", deb, staging / deb.name])
-            names.append(f"/tmp/otad-convert-debs/{deb.name}")
+            names.append(f"/{_STAGING}/{deb.name}")
         if not had_policy:
             policy.write_text("#!/bin/sh\nexit 101\n")
             policy.chmod(0o755)
         with chroot_mounts(root):
             log.info("installing %s", ", ".join(deb.name for deb in debs))
-            try:
-                run(
-                    ["chroot", root, "dpkg", "--install", *names],
-                    env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin"},
-                )
-            except CommandFailed as error:
-                raise PackageFailed(
-                    f"{', '.join(deb.name for deb in debs)} did not install: "
-                    f"{_dpkg_reason(error.stderr)}"
-                ) from None
+            result = run(
+                ["chroot", root, *_install_command(root, names)],
+                env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin"},
+                check=False,
+            )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).decode("utf-8", "replace")
+            raise PackageFailed(
+                f"{', '.join(deb.name for deb in debs)} did not install: {_dpkg_reason(output)}"
+            )
     finally:
         run(["rm", "-rf", staging])
         if not had_policy:
             policy.unlink(missing_ok=True)
 
 
-def _dpkg_reason(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+def _install_command(root: Path, names: Sequence[str]) -> list[str]:
+    """apt-get when the image has it: it configures pre-dependencies before unpacking what
+    needs them (python3-minimal pre-depends on python3.11-minimal), where one `dpkg
+    --install` of the set fails. apt sees no sources and no package lists, only the given
+    files and what is installed, so nothing is downloaded; its caches and the copies of
+    the files it makes stay in the staging directory, which goes away afterwards."""
+    if not (root / "usr/bin/apt-get").exists():
+        return ["dpkg", "--install", *names]
+    inside = f"/{_STAGING}"
+    for directory in ("lists/partial", "archives/partial"):
+        (root / _STAGING / directory).mkdir(parents=True)
+    (root / _STAGING / "sources.list").write_text("")
+    settings = {
+        "Dir::Etc::SourceList": f"{inside}/sources.list",
+        "Dir::Etc::SourceParts": f"{inside}/lists",
+        "Dir::State::Lists": f"{inside}/lists",
+        "Dir::Cache::archives": f"{inside}/archives",
+        "Dir::Cache::pkgcache": "",
+        "Dir::Cache::srcpkgcache": "",
+    }
+    options = [word for key, value in settings.items() for word in ("-o", f"{key}={value}")]
+    return ["apt-get", "install", "--yes", "--no-install-recommends", *options, *names]
+
+
+def _dpkg_reason(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
     for line in lines:
-        if "depends on" in line or "error" in line.lower():
+        if "Depends:" in line or "depends on" in line or "error" in line.lower():
             return line
     return lines[-1] if lines else "dpkg gave no reason"
 

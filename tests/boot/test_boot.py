@@ -6,6 +6,8 @@ takes 40 to 60 s under TCG, so every wait has a generous but bounded deadline.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.boot import harness
@@ -14,6 +16,10 @@ from tests.boot.conftest import GuestFactory
 pytestmark = [pytest.mark.boot, pytest.mark.slow]
 
 SETTLE = 180.0  # seconds for otad.service (and otad-commit) after the shell is up
+INSTALL = 900.0  # seconds for `otactl install` of a release under TCG, reboot included
+FALLBACK = 900.0  # seconds for the failed trial boots and the boot of the previous slot
+MEDIA = "/run/otad-test-media"
+BROKEN_INIT = b"#!/bin/sh\necho 'otad boot test: this release cannot boot'\nexit 1\n"
 
 
 def wait_for_otad(guest: harness.Guest) -> dict[str, object]:
@@ -27,16 +33,83 @@ def wait_for_otad(guest: harness.Guest) -> dict[str, object]:
     return guest.status()
 
 
+def mount_media(guest: harness.Guest) -> None:
+    guest.check(f"mkdir -p {MEDIA} && mount -o ro /dev/vdb {MEDIA}")
+
+
+def install_and_reboot(guest: harness.Guest, artifact: Path) -> None:
+    """`otactl install --reboot` of `artifact` from the media disk, into the next boot."""
+    boot = guest.boot_id()
+    result = guest.run_into_reboot(f"otactl install {MEDIA}/{artifact.name} --reboot", INSTALL)
+    if result is not None and result.status != 0:
+        raise guest.failure(f"otactl install exited with {result.status}:\n{result.output}")
+    guest.wait_reboot(boot, INSTALL)
+
+
 def test_the_converted_image_boots_slot_a(boot: GuestFactory) -> None:
     guest = boot()
     guest.wait_shell()
-    guest.run("systemctl is-system-running --wait", SETTLE)  # settled, whatever the verdict
 
-    active = guest.run("systemctl is-active otad.service")
-    assert active.output.strip() == "active", guest.failure(f"otad.service: {active.output}")
     status = wait_for_otad(guest)
+
     assert guest.booted_slot_parameter() == "a", guest.failure("GRUB did not boot slot a")
     assert status["booted_slot"] == "a", guest.failure(f"status: {status}")
     assert status["state"] == "idle", guest.failure(f"status: {status}")
     assert status["current_artifact"] == harness.FIRST_RELEASE, guest.failure(f"{status}")
     assert status["last_error"] == "", guest.failure(f"status: {status}")
+
+
+def test_a_good_update_boots_slot_b_and_is_committed(
+    converted: harness.Converted, boot: GuestFactory, tmp_path: Path
+) -> None:
+    release = harness.make_release(
+        converted, tmp_path, "v2", {"/etc/otad-release-2": b"release 2\n"}
+    )
+    media = tmp_path / "media.img"
+    harness.make_media(release, media)
+    guest = boot(media)
+    guest.wait_shell()
+    wait_for_otad(guest)
+    mount_media(guest)
+
+    install_and_reboot(guest, release)
+    status = wait_for_otad(guest)
+
+    assert guest.booted_slot_parameter() == "b", guest.failure("GRUB did not boot slot b")
+    assert status["booted_slot"] == "b", guest.failure(f"status: {status}")
+    assert status["state"] == "idle", guest.failure(f"not committed: {status}")
+    assert status["current_artifact"] == "v2", guest.failure(f"status: {status}")
+    assert status["last_error"] == "", guest.failure(f"status: {status}")
+    assert guest.check("cat /etc/otad-release-2") == "release 2\n"
+
+    boot_id = guest.boot_id()
+    guest.run_into_reboot("systemctl reboot", 60)
+    guest.wait_reboot(boot_id, harness.BOOT_TIMEOUT)
+    status = wait_for_otad(guest)
+
+    assert guest.booted_slot_parameter() == "b", guest.failure("the commit did not hold")
+    assert status["booted_slot"] == "b", guest.failure(f"status: {status}")
+    assert status["state"] == "idle", guest.failure(f"status: {status}")
+    assert guest.check("cat /etc/otad-release-2") == "release 2\n"
+
+
+def test_a_release_that_cannot_boot_falls_back_to_slot_a(
+    converted: harness.Converted, boot: GuestFactory, tmp_path: Path
+) -> None:
+    release = harness.make_release(converted, tmp_path, "v3", {"/usr/sbin/init": BROKEN_INIT})
+    media = tmp_path / "media.img"
+    harness.make_media(release, media)
+    guest = boot(media)
+    guest.wait_shell()
+    wait_for_otad(guest)
+    mount_media(guest)
+
+    install_and_reboot(guest, release)  # comes back only once GRUB has given up on slot b
+    status = wait_for_otad(guest)
+
+    console = harness.tail(guest.console_log, 100_000)
+    assert "this release cannot boot" in console, guest.failure("slot b's init never ran")
+    assert guest.booted_slot_parameter() == "a", guest.failure("GRUB did not fall back")
+    assert status["booted_slot"] == "a", guest.failure(f"status: {status}")
+    assert status["current_artifact"] == harness.FIRST_RELEASE, guest.failure(f"{status}")
+    assert status["last_error"] != "", guest.failure(f"no failure reported: {status}")

@@ -14,6 +14,7 @@ booted (/proc/cmdline, the boot ID) are a prepared directory, so a test can "reb
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -56,21 +57,32 @@ def _sh(*argv: str | Path) -> str:
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Disk]:
     """A 64 MiB disk: root-a, root-b (24 MiB each), data; attached to a loop device."""
+    with attached_disk(tmp_path / "disk.img", LAYOUT, ("blkid", "mkfs.ext4")) as loop:
+        names = {"a": Path(f"{loop}p1"), "b": Path(f"{loop}p2"), "data": Path(f"{loop}p3")}
+        uuids = {key: probe(path)["PART_ENTRY_UUID"] for key, path in names.items()}
+        yield Disk(tmp_path / "disk.img", loop, names, uuids)
+
+
+LAYOUT = "label: gpt\nsize=24M, name=root-a\nsize=24M, name=root-b\nname=data\n"
+
+
+@contextlib.contextmanager
+def attached_disk(
+    image: Path, layout: str, tools: tuple[str, ...] = (), size: int = 64 << 20
+) -> Iterator[Path]:
+    """A sparse disk image partitioned by the sfdisk script `layout`, on a loop device
+    whose partition nodes exist; detached on every path. Skips unless root."""
     if os.geteuid() != 0:
         pytest.skip("loop devices need root")
-    for tool in ("losetup", "partx", "sfdisk", "blkid", "mkfs.ext4"):
+    for tool in ("losetup", "partx", "sfdisk", *tools):
         require_tool(tool)
-    image = tmp_path / "disk.img"
     with image.open("wb") as out:
-        out.truncate(64 << 20)
-    layout = "label: gpt\nsize=24M, name=root-a\nsize=24M, name=root-b\nname=data\n"
+        out.truncate(size)
     subprocess.run(["sfdisk", "-q", str(image)], input=layout, text=True, check=True)
     loop = Path(_sh("losetup", "--find", "--show", image))
     try:
         _sh("partx", "-u", loop)
-        names = {"a": Path(f"{loop}p1"), "b": Path(f"{loop}p2"), "data": Path(f"{loop}p3")}
-        uuids = {key: probe(path)["PART_ENTRY_UUID"] for key, path in names.items()}
-        yield Disk(image, loop, names, uuids)
+        yield loop
     finally:
         subprocess.run(["partx", "-d", str(loop)], capture_output=True, check=False)
         subprocess.run(["losetup", "-d", str(loop)], capture_output=True, check=False)

@@ -18,8 +18,8 @@ from otad.bootloader.file import FileBootloader
 from otad.devices import probe
 from otad.errors import BootSyncError
 from otad.state import Phase, Release, SlotStatus, StateStore, initial_state
-from tests.conftest import KeyPair, require_tool
-from tests.engine.conftest import Device, Disk, FakeKernel
+from tests.conftest import KeyPair
+from tests.engine.conftest import Device, Disk, FakeKernel, attached_disk
 
 LAYOUT = (
     "label: gpt\n"
@@ -30,30 +30,15 @@ LAYOUT = (
 
 @pytest.fixture
 def pi_disk(tmp_path: Path) -> Iterator[Disk]:
-    if os.geteuid() != 0:
-        pytest.skip("loop devices need root")
-    for tool in ("losetup", "partx", "sfdisk", "mkfs.ext4", "mkfs.vfat", "mcopy", "debugfs"):
-        require_tool(tool)
-    image = tmp_path / "pi.img"
-    with image.open("wb") as out:
-        out.truncate(64 << 20)
-    subprocess.run(["sfdisk", "-q", str(image)], input=LAYOUT, text=True, check=True)
-    loop = Path(
-        subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
-                       text=True, check=True).stdout.strip()
-    )  # fmt: skip
-    try:
-        subprocess.run(["partx", "-u", str(loop)], check=True)
+    tools = ("mkfs.ext4", "mkfs.vfat", "mcopy", "debugfs")
+    with attached_disk(tmp_path / "pi.img", LAYOUT, tools) as loop:
         names = {"boot-a": 1, "boot-b": 2, "a": 3, "b": 4, "data": 5}
         partitions = {key: Path(f"{loop}p{number}") for key, number in names.items()}
         for key in ("boot-a", "boot-b"):
             subprocess.run(["mkfs.vfat", "-n", key.upper(), str(partitions[key])],
                            capture_output=True, check=True)  # fmt: skip
         uuids = {key: probe(path)["PART_ENTRY_UUID"] for key, path in partitions.items()}
-        yield Disk(image, loop, partitions, uuids)
-    finally:
-        subprocess.run(["partx", "-d", str(loop)], capture_output=True, check=False)
-        subprocess.run(["losetup", "-d", str(loop)], capture_output=True, check=False)
+        yield Disk(tmp_path / "pi.img", loop, partitions, uuids)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import otad.bootsync
 from otad.bootsync import sync_boot_partition
 from otad.devices import probe
 from otad.errors import BootSyncError, DeviceError, UsageError
-from tests.conftest import require_tool
+from tests.engine.conftest import attached_disk
 
 BOOT_SIZE = 8 << 20
 ROOT_SIZE = 40 << 20
@@ -84,18 +84,9 @@ def _read_fat(device: Path, into: Path) -> dict[str, bytes]:
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[PiDisk]:
     """64 MiB, MBR: boot (FAT, label BOOTA, holding an old config.txt) and root."""
-    if os.geteuid() != 0:
-        pytest.skip("loop devices need root")
-    for tool in ("losetup", "partx", "sfdisk", "mkfs.ext4", "debugfs", "mkfs.vfat", "mcopy"):
-        require_tool(tool)
-    image = tmp_path / "disk.img"
-    with image.open("wb") as out:
-        out.truncate(64 << 20)
     layout = f"label: dos\nsize={BOOT_SIZE >> 10}KiB, type=c\nsize={ROOT_SIZE >> 10}KiB\n"
-    subprocess.run(["sfdisk", "-q", str(image)], input=layout, text=True, check=True)
-    loop = Path(_sh("losetup", "--find", "--show", image))
-    try:
-        _sh("partx", "-u", loop)
+    tools = ("mkfs.ext4", "debugfs", "mkfs.vfat", "mcopy")
+    with attached_disk(tmp_path / "disk.img", layout, tools) as loop:
         boot = Path(f"{loop}p1")
         _sh("mkfs.vfat", "-n", "BOOTA", boot)
         found = PiDisk(loop, boot, Path(f"{loop}p2"), _free_bytes(boot))
@@ -103,9 +94,6 @@ def disk(tmp_path: Path) -> Iterator[PiDisk]:
         old.write_text("# the release before\n")
         _sh("mcopy", "-i", found.boot, old, "::/config.txt", env=MTOOLS)
         yield found
-    finally:
-        subprocess.run(["partx", "-d", str(loop)], capture_output=True, check=False)
-        subprocess.run(["losetup", "-d", str(loop)], capture_output=True, check=False)
 
 
 def _firmware(tree: Path, cmdline: str = CMDLINE) -> dict[str, bytes]:

@@ -6,9 +6,16 @@ Order of trust, which is the order of the archive:
 2. `manifest.sig` is checked against the trusted keys before anything is parsed;
 3. `version` and then `header.tar*` are checked against the manifest's SHA-256 and only
    then parsed, so no unverified JSON is ever interpreted;
-4. payload files stream out of `data/NNNN.tar*`: each is hashed while it streams, each
-   chunk is checked against the signed chunk index when the artifact has one, and the
-   last block of a file is held back until the file's SHA-256 matched.
+4. payload files stream out of `data/NNNN.tar*`. A file that the signed chunk index
+   covers is checked chunk by chunk, each chunk before the caller sees it; any other
+   file is hashed while it streams and its last block is held back until its SHA-256
+   matched the manifest's.
+
+The chunk index (otad/artifact/chunks.py) sits in the signed header and pins the file's
+exact size and every byte of it, so for such a file the manifest's whole-file SHA-256
+adds no assurance and is not computed: hashing every byte once instead of twice is most
+of what a rootfs install costs in CPU. Mender clients, which ignore the index, check the
+whole-file digest as usual.
 
 The reader never writes anything: it hands verified blocks to its caller. Only when
 `finish()` returns has every file the manifest lists arrived intact; a caller activates
@@ -188,40 +195,62 @@ class PayloadFile:
     def _verified_blocks(self) -> Iterator[memoryview]:
         index = self.chunk_index
         if index is None:
-            yield from self._hashed_blocks(BLOCK_SIZE, None)
+            yield from self._hashed_blocks()
             return
-        # The chunk digests are computed on a second thread while this one computes the
-        # whole-file digest: hashlib releases the GIL, so the two run on two cores.
-        with ThreadPoolExecutor(1, thread_name_prefix="otad-chunk-hash") as pool:
-            yield from self._hashed_blocks(index.chunk_size, pool)
+        if index.size != self.size:
+            raise MalformedArtifact(
+                f"the chunk index of {self.name} covers {index.size} bytes, "
+                f"the file holds {self.size}"
+            )
+        yield from self._chunked_blocks(index)
 
-    def _hashed_blocks(
-        self, block_size: int, pool: ThreadPoolExecutor | None
-    ) -> Iterator[memoryview]:
+    def _hashed_blocks(self) -> Iterator[memoryview]:
+        """Blocks of a file without a chunk index: the whole-file SHA-256 is the check."""
         whole = hashlib.sha256()
-        index = self.chunk_index
-        buffer = memoryview(bytearray(min(block_size, self.size) or 1))
+        buffer = memoryview(bytearray(min(BLOCK_SIZE, self.size) or 1))
         remaining = self.size
-        number = 0
         while remaining:
-            length = min(block_size, remaining)
-            view = buffer[:length]
-            if read_into_fully(self._source, view) < length:
-                raise TruncatedArtifact(f"payload file {self.name} ends early")
-            chunk: Future[bytes] | None = None
-            if pool is not None:
-                chunk = pool.submit(_digest, view)
+            view = self._read_block(buffer, min(BLOCK_SIZE, remaining))
             whole.update(view)
-            if chunk is not None:
-                assert index is not None
-                self._check_chunk(index, number, chunk.result())
-            remaining -= length
-            number += 1
+            remaining -= len(view)
             if not remaining:
                 self._check_whole(whole)
             yield view
         if not self.size:
             self._check_whole(whole)
+
+    def _chunked_blocks(self, index: ChunkIndex) -> Iterator[memoryview]:
+        """Blocks of a file the signed chunk index covers, one chunk each, each checked.
+
+        Two buffers alternate so that the next chunk is read and decompressed while the
+        chunk-hash thread checks the previous one (hashlib releases the GIL).
+        """
+        buffers = [memoryview(bytearray(index.chunk_size)) for _ in range(2)]
+        with ThreadPoolExecutor(1, thread_name_prefix="otad-chunk-hash") as pool:
+            pending: tuple[int, memoryview, Future[bytes]] | None = None
+            for number in range(len(index.digests)):
+                view = self._read_block(buffers[number % 2], index.chunk_length(number))
+                hashing = pool.submit(_digest, view)
+                if pending is not None:
+                    yield self._checked(index, *pending)
+                pending = (number, view, hashing)
+            if pending is not None:
+                last = self._checked(index, *pending)
+                self.verified = True
+                yield last
+        self.verified = True
+
+    def _read_block(self, buffer: memoryview, length: int) -> memoryview:
+        view = buffer[:length]
+        if read_into_fully(self._source, view) < length:
+            raise TruncatedArtifact(f"payload file {self.name} ends early")
+        return view
+
+    def _checked(
+        self, index: ChunkIndex, number: int, view: memoryview, hashing: Future[bytes]
+    ) -> memoryview:
+        self._check_chunk(index, number, hashing.result())
+        return view
 
     def _check_chunk(self, index: ChunkIndex, number: int, found: bytes) -> None:
         if found != index.digests[number]:

@@ -17,18 +17,21 @@ file (`PayloadFile.artifact_offset`), and the signed chunk index says what every
 of the image must hash to. So after an interruption the slot itself tells how far the
 last attempt got: `resume_point()` counts the leading chunks the slot already holds
 (`ChunkIndex.count_matching_prefix`) and says which byte of the artifact to download
-next, `artifact_offset + chunks * chunk_size`. The engine uses it like this:
+next, `artifact_offset + chunks * chunk_size`. The engine does this by itself
+(otad.resume keeps the record of what was being downloaded; otad.engine and
+otad.updater use it):
 
-1. When it starts installing from a URL, it records in its state record the URL and
-   `HttpSource.identity` (ETag, Last-Modified, size), and, once the reader yields the
-   payload file, its `artifact_offset` (None for a compressed data member).
-2. After a restart, recovery marks the slot empty as today; its bytes stay where they
-   are. A new install of the same URL opens `HttpSource(url)` and wraps it in
-   `SplicedSource(http, slot)`, builds the `ArtifactReader` over that and reads the
-   header, which is downloaded again and verified (it is small).
-3. If `http.identity` equals the recorded one and an offset was recorded, it calls
-   `point = resume_point(slot, header.payloads[0].chunk_index, offset)` and
-   `spliced.splice(point)` before asking the reader for payload files.
+1. While it installs from a URL, it records the URL, `HttpSource.identity` (ETag,
+   Last-Modified, size), the digest of the signed manifest, the target slot, the
+   image's `artifact_offset` and, at each fsync watermark of the slot writer, how much
+   of the image is verified and on the medium.
+2. After a restart, recovery marks the slot empty as for any interrupted install; its
+   bytes stay where they are. The next install of the same URL (or the daemon, when it
+   starts) asks with `end_first_request_at(artifact_offset)` only for the bytes before
+   the image, reads and verifies the header, and compares it and the validators with
+   the record.
+3. If everything matches, it calls `resume_point(slot, chunk_index, offset)` and
+   `SplicedSource.splice(point)` before the reader reaches the image.
 4. The reader then receives the image's first `point.prefix` bytes from the slot and
    the rest from a Range request at `point.resume_at`. It verifies every chunk and the
    whole-file SHA-256 exactly as for a fresh download: the whole-file digest is seeded
@@ -140,6 +143,11 @@ class DownloadSettings:
     the count); `retry_time` bounds the seconds spent waiting between attempts over the
     whole download, which also bounds how often a server that keeps dropping the
     connection is asked again. Times are in seconds.
+
+    `resume_attempts` bounds how often the daemon, when it starts and finds an install
+    from a URL that a restart or a power cut interrupted, resumes it by itself without
+    the install getting further (0: never by itself; an Install of the same URL still
+    resumes).
     """
 
     ca_bundle: Path | None = None
@@ -151,6 +159,7 @@ class DownloadSettings:
     retry_time: float = 600.0
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
+    resume_attempts: int = 3
     first_backoff: float = 1.0  # not in otad.conf: doubles after each failure in a row
     max_backoff: float = 60.0  # not in otad.conf
 
@@ -165,6 +174,7 @@ _KEYS = {
     "retry_time",
     "connect_timeout",
     "read_timeout",
+    "resume_attempts",
 }
 
 
@@ -219,6 +229,11 @@ def parse_download_settings(table: Mapping[str, Any], where: str = "download") -
     retries = _value(table, "retries", (int,), where)
     if retries is not None and not 0 <= retries <= 1000:
         raise ConfigError(f"{where}.retries", f"must be between 0 and 1000, found {retries}")
+    resume_attempts = _value(table, "resume_attempts", (int,), where)
+    if resume_attempts is not None and not 0 <= resume_attempts <= 100:
+        raise ConfigError(
+            f"{where}.resume_attempts", f"must be between 0 and 100, found {resume_attempts}"
+        )
     defaults = DownloadSettings()
     return DownloadSettings(
         ca_bundle=_path(table, "ca_bundle", where),
@@ -230,6 +245,7 @@ def parse_download_settings(table: Mapping[str, Any], where: str = "download") -
         retry_time=_seconds(table, "retry_time", where, defaults.retry_time),
         connect_timeout=_seconds(table, "connect_timeout", where, defaults.connect_timeout),
         read_timeout=_seconds(table, "read_timeout", where, defaults.read_timeout),
+        resume_attempts=defaults.resume_attempts if resume_attempts is None else resume_attempts,
     )
 
 
@@ -388,6 +404,8 @@ class HttpSource:
         self._sleep = sleep or (cancel.wait if cancel is not None else time.sleep)
         self._session = make_session(settings)
         self._response: requests.Response | None = None
+        self._response_end: int | None = None  # where a bounded response ends
+        self._first_end: int | None = None
         self._identity: ArtifactIdentity | None = None
         self._position = 0
         self._failures = 0
@@ -422,6 +440,17 @@ class HttpSource:
         if not len(buffer):
             return 0
         return self._attempt(lambda: self._read(buffer))
+
+    def end_first_request_at(self, offset: int) -> None:
+        """Ask only for the bytes before `offset` in the first request; call before reading.
+
+        For a resume from the slot: the header before the image is downloaded again,
+        and the image itself only from where the slot stops. Reading past `offset`
+        works as usual, with a request for the rest.
+        """
+        if self.requests:
+            raise UsageError("the first request was already sent")
+        self._first_end = offset if offset > 0 else None
 
     def skip_to(self, offset: int) -> None:
         """Go on at `offset` (not before the current position) with a new Range request."""
@@ -491,15 +520,20 @@ class HttpSource:
         if self._response is not None:
             self._response.close()
             self._response = None
+        self._response_end = None
 
     # -- reading ----------------------------------------------------------------------
 
     def _read(self, buffer: memoryview) -> int:
+        if self._response_end is not None and self._position >= self._response_end:
+            self._drop()  # a bounded response is used up: ask for the rest
         size = self.size
         if self._response is None and size is not None and self._position == size:
             return 0
         response = self._response or self._open()
         limit = min(len(buffer), _READ_SIZE)
+        if self._response_end is not None:
+            limit = min(limit, self._response_end - self._position)
         if size is not None:
             if self._position > size:
                 raise Overlong(self.url, f"the server sent more than {size} bytes")
@@ -528,7 +562,12 @@ class HttpSource:
     def _open(self) -> requests.Response:
         """Send the request for the bytes from the current position on."""
         headers = {"Accept-Encoding": "identity"}
-        if self._position:
+        end = self._first_end if self._identity is None else None
+        if end is not None and end <= self._position:
+            end = None
+        if end is not None:
+            headers["Range"] = f"bytes={self._position}-{end - 1}"
+        elif self._position:
             headers["Range"] = f"bytes={self._position}-"
             validator = self._if_range()
             if validator:
@@ -537,8 +576,11 @@ class HttpSource:
         for _ in range(MAX_REDIRECTS + 1):
             response = self._send(url, headers)
             if not response.is_redirect:
-                self._accept(response)
+                self._accept(response, end)
+                self._first_end = None
                 self._response = response
+                if response.status_code == 206 and end is not None:
+                    self._response_end = min(end, self.size or end)
                 return response
             location = urljoin(url, response.headers["Location"])
             response.close()
@@ -576,15 +618,18 @@ class HttpSource:
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
             raise _Retry(f"cannot connect: {_reason(error)}") from error
 
-    def _accept(self, response: requests.Response) -> None:
-        """Check the response's status and that it serves the same artifact; else close it."""
+    def _accept(self, response: requests.Response, end: int | None = None) -> None:
+        """Check the response's status and that it serves the same artifact; else close it.
+
+        `end` is where a bounded request (the first of a resume) asked the range to end.
+        """
         try:
-            self._check_response(response)
+            self._check_response(response, end)
         except BaseException:
             response.close()
             raise
 
-    def _check_response(self, response: requests.Response) -> None:
+    def _check_response(self, response: requests.Response, end: int | None) -> None:
         status = response.status_code
         if status in _RETRY_STATUSES:
             raise _Retry(f"the server answered {status} {response.reason}")
@@ -593,7 +638,7 @@ class HttpSource:
             raise DownloadError(self.url, f"the server sent the artifact {encoding}-encoded")
         identity = self._identity_of(response)
         if self._identity is None:
-            self._first_identity(status, response, identity)
+            self._first_identity(status, response, identity, end)
             return
         changes = self._identity.differences(identity)
         if changes:
@@ -608,12 +653,19 @@ class HttpSource:
             )
         if status != 206:
             raise DownloadError(self.url, f"the server answered {status} {response.reason}")
-        self._check_content_range(response.headers.get("Content-Range"))
+        self._check_content_range(response.headers.get("Content-Range"), end)
 
     def _first_identity(
-        self, status: int, response: requests.Response, identity: ArtifactIdentity
+        self,
+        status: int,
+        response: requests.Response,
+        identity: ArtifactIdentity,
+        end: int | None,
     ) -> None:
-        if status != (206 if self._position else 200):
+        # A bounded first request may get the whole artifact from a server that does not
+        # serve ranges: that is a plain start.
+        bounded = end is not None and not self._position and status == 206
+        if status != (206 if self._position or bounded else 200):
             raise DownloadError(self.url, f"the server answered {status} {response.reason}")
         expected = self._expected_size
         if expected is not None and identity.size is not None and identity.size != expected:
@@ -622,8 +674,8 @@ class HttpSource:
                 self.url, f"the server announces {identity.size} bytes, {expected} were expected"
             )
         self._identity = identity
-        if self._position:
-            self._check_content_range(response.headers.get("Content-Range"))
+        if self._position or bounded:
+            self._check_content_range(response.headers.get("Content-Range"), end)
 
     def _identity_of(self, response: requests.Response) -> ArtifactIdentity:
         headers = response.headers
@@ -640,7 +692,7 @@ class HttpSource:
                 ) from None
         return ArtifactIdentity(size, headers.get("ETag"), headers.get("Last-Modified"))
 
-    def _check_content_range(self, text: str | None) -> None:
+    def _check_content_range(self, text: str | None, end: int | None = None) -> None:
         parsed = _content_range(text)
         size = self.size
         if parsed is None or parsed[0] != self._position:
@@ -649,9 +701,12 @@ class HttpSource:
                 f"asked for the bytes from {self._position} on, "
                 f"the server sent Content-Range {text!r}",
             )
-        if size is not None and parsed[1] != size - 1:
+        last = size - 1 if size is not None else None
+        if end is not None and (last is None or end - 1 < last):
+            last = end - 1
+        if last is not None and parsed[1] != last:
             raise ResumeRefused(
-                self.url, f"asked for the bytes up to {size - 1}, the server sent {text!r}"
+                self.url, f"asked for the bytes up to {last}, the server sent {text!r}"
             )
 
 
@@ -744,8 +799,8 @@ def resume_point(
         os.close(descriptor)
     prefix = min(chunks * chunk_index.chunk_size, chunk_index.size)
     digest = hasher.whole if chunks == len(chunk_index.digests) else hasher.at_boundary
-    log.info(
-        "slot %s holds %d of %d chunks of the image; resuming at byte %d of the artifact",
+    log.debug(
+        "slot %s holds %d of %d chunks of the image; a resume goes on at byte %d",
         slot,
         chunks,
         len(chunk_index.digests),

@@ -20,6 +20,13 @@ progress:
 
 A loop breaker stops after MAX_RECOVERY_ATTEMPTS starts that found the same unfinished
 phase, giving the update up rather than retrying forever.
+
+An install from an https URL also keeps a resume record (otad.resume) beside the state
+record, with its progress at each fsync watermark of the slot. Recovery of the
+installing phase leaves it, so that the next install of the same URL resumes from the
+chunks the slot holds, each read back and verified against the signed chunk index
+first; recovery of a later phase clears it. The slot still counts as empty until that
+install has verified the whole image again, exactly as a fresh one does.
 """
 
 from __future__ import annotations
@@ -55,8 +62,10 @@ from otad.errors import (
 from otad.modules.protocol import RebootAction
 from otad.modules.runner import ModuleConfig, ModuleRunner
 from otad.modules.tree import DeviceContext
+from otad.resume import DownloadResume, Interrupted, ResumeRecord, ResumeStore, count_attempt
 from otad.slots import SlotDevice, booted_slot, resolve_slots
 from otad.slotwriter import SlotWriter, read_back_sha256
+from otad.sources import as_download
 from otad.state import (
     Outcome,
     Phase,
@@ -84,6 +93,8 @@ class InstallResult:
     needs_reboot: bool
     bytes_written: int = 0
     bytes_skipped: int = 0
+    # For a download that resumed: the bytes of the image that came from the slot.
+    resumed_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,20 @@ def _provides_after(header: ArtifactHeader, running: Release | None) -> dict[str
     return {**provides, **new}
 
 
+@dataclass(frozen=True)
+class _Stops:
+    """What can stop an install between two blocks."""
+
+    cancel: threading.Event | None
+    interrupt: threading.Event | None
+
+    def check(self) -> None:
+        if self.interrupt is not None and self.interrupt.is_set():
+            raise Interrupted("otad is stopping; an install from a URL resumes when it starts")
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("the install was cancelled")
+
+
 class Engine:
     """Installs, commits and rolls back; one operation at a time."""
 
@@ -126,6 +151,7 @@ class Engine:
         self.bootloader = bootloader
         self.paths = paths or SystemPaths()
         self.store = store or StateStore(config.data_dir)
+        self.resumes = ResumeStore(self.store.directory)
         self._verifiers = verifiers
         self.modules = modules or ModuleConfig(work_dir=config.data_dir / "modules" / "v3")
         self._lock = threading.Lock()
@@ -171,6 +197,8 @@ class Engine:
                 return state
             if state.recovery_attempts >= MAX_RECOVERY_ATTEMPTS:
                 return self._give_up(snapshot)
+            if state.phase in (Phase.INSTALLED, Phase.TRIAL):
+                self.resumes.clear(f"the update is {state.phase.value}")
             attempted = replace(state, recovery_attempts=state.recovery_attempts + 1)
             self.store.save(attempted)
             recovered = self._recover(replace(snapshot, state=attempted))
@@ -222,7 +250,8 @@ class Engine:
         self.bootloader.mark_bad(target)
         record = state.slots[target]
         if state.rollback_requested:
-            message = f"rolled back from slot {target.value} to slot {booted.value} on request"
+            message = f"rolled back from slot {target.value} to slot {booted.value}"
+            message += f": {state.rollback_reason}" if state.rollback_reason else " on request"
         else:
             message = (
                 f"the trial boot of slot {target.value} failed; "
@@ -266,12 +295,17 @@ class Engine:
         allow_downgrade: bool | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        interrupt: threading.Event | None = None,
     ) -> InstallResult:
-        """Verify and write an artifact into the inactive slot and request a trial boot."""
+        """Verify and write an artifact into the inactive slot and request a trial boot.
+
+        `cancel` stops the install for good; `interrupt` stops it because otad stops,
+        keeping what resumes a download (otad.resume) when otad starts again.
+        """
         if not self._lock.acquire(blocking=False):
             raise StateConflict("another operation is in progress")
         try:
-            return self._install(source, allow_downgrade, progress, cancel)
+            return self._install(source, allow_downgrade, _Stops(cancel, interrupt), progress)
         finally:
             self._lock.release()
 
@@ -279,8 +313,8 @@ class Engine:
         self,
         source: Readable,
         allow_downgrade: bool | None,
+        stops: _Stops,
         progress: ProgressCallback | None,
-        cancel: threading.Event | None,
     ) -> InstallResult:
         snapshot = self.snapshot()
         state, booted = snapshot.state, snapshot.booted
@@ -292,6 +326,33 @@ class Engine:
         target = booted.other
         device = snapshot.devices[target]
         check_unused(device.path, self.paths)
+        http = as_download(source)
+        if http is None:
+            return self._install_from(source, None, snapshot, allow_downgrade, stops, progress)
+        resume = DownloadResume(self.resumes, http, target, device.path, allow_downgrade)
+        error: BaseException | None = None
+        try:
+            return self._install_from(
+                resume.source, resume, snapshot, allow_downgrade, stops, progress
+            )
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            resume.end(error)
+
+    def _install_from(
+        self,
+        source: Readable,
+        resume: DownloadResume | None,
+        snapshot: Snapshot,
+        allow_downgrade: bool | None,
+        stops: _Stops,
+        progress: ProgressCallback | None,
+    ) -> InstallResult:
+        state, booted = snapshot.state, snapshot.booted
+        target = booted.other
+        device = snapshot.devices[target]
         reader = ArtifactReader(
             source,
             VerifyPolicy(self._trusted_keys(), require_signature=True),
@@ -318,7 +379,11 @@ class Engine:
         ).with_slot(target, SlotRecord(SlotStatus.EMPTY, release))
         self.store.save(state)
         try:
-            written, skipped = self._write_slot(reader, device, progress, cancel)
+            if resume is not None:
+                resume.begin(header)
+            else:
+                self.resumes.clear(f"another install writes slot {target.value}")
+            written, skipped = self._write_slot(reader, device, progress, stops, resume)
             self._sync_boot_partition(target, device)
         except BaseException as error:
             failed = state.with_slot(target, SlotRecord(SlotStatus.EMPTY))
@@ -334,7 +399,8 @@ class Engine:
             self._abandon(installed, target, f"could not start the trial boot: {error}")
             raise
         log.info("installed %s into slot %s; reboot to try it", header.name, target.value)
-        return InstallResult(header.name, target, True, written, skipped)
+        resumed = resume.resumed_at if resume is not None else None
+        return InstallResult(header.name, target, True, written, skipped, resumed)
 
     def _abandon(self, state: State, target: Slot, message: str) -> None:
         try:
@@ -382,9 +448,14 @@ class Engine:
         reader: ArtifactReader,
         device: SlotDevice,
         progress: ProgressCallback | None,
-        cancel: threading.Event | None,
+        stops: _Stops,
+        resume: DownloadResume | None,
     ) -> tuple[int, int]:
-        """Write and verify the image; return the bytes written and the bytes skipped."""
+        """Write and verify the image; return the bytes written and the bytes skipped.
+
+        A download's resume record is told where the image starts and, at each fsync
+        watermark, how much of it is verified and on the medium.
+        """
         settings = self.config.install
         checksum = ""
         size = 0
@@ -395,11 +466,14 @@ class Engine:
                         f"the image is {payload_file.size} bytes, slot {device.slot.value} "
                         f"({device.path}) holds {device.size}"
                     )
+                if resume is not None:
+                    resume.payload_started(payload_file)
                 done = 0
                 for block in payload_file.blocks():
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("the install was cancelled")
+                    stops.check()
                     writer.write(block)
+                    if resume is not None:
+                        resume.progress(writer.synced)
                     done += len(block)
                     if progress is not None:
                         progress(done, payload_file.size)
@@ -411,6 +485,35 @@ class Engine:
             if found != checksum:
                 raise ChecksumMismatch(f"slot {device.slot.value} read back", checksum, found)
         return writer.written, writer.skipped
+
+    # -- downloads that a restart interrupted ----------------------------------------
+
+    def interrupted_download(self) -> ResumeRecord | None:
+        """The resume record of an install from a URL that a restart or a stop of otad
+        interrupted, if there is one and it can go on now.
+
+        A record of an install that failed and was reported (the network gave up) is
+        kept for an install of the same URL but not returned; one for a slot that is no
+        longer the inactive one is cleared.
+        """
+        record = self.resumes.load_or_discard()
+        if record is None or record.failed:
+            return None
+        snapshot = self.snapshot()
+        if snapshot.state.phase is not Phase.IDLE:
+            return None
+        if record.target is not snapshot.booted.other:
+            self.resumes.clear(f"it is for slot {record.target.value}, which runs")
+            return None
+        return record
+
+    def count_resume_attempt(self, record: ResumeRecord) -> ResumeRecord:
+        """Durably count one more automatic resume of `record`, before starting it."""
+        return count_attempt(self.resumes, record)
+
+    def forget_download(self, why: str) -> None:
+        """Clear the resume record: the next install of its URL starts over."""
+        self.resumes.clear(why)
 
     # -- payloads for update modules and bootstrap artifacts --------------------------
 
@@ -547,8 +650,12 @@ class Engine:
         good = state.with_slot(target, SlotRecord(SlotStatus.GOOD, record.release))
         return good.finished(Outcome("commit", True, f"slot {target.value} committed", artifact))
 
-    def rollback(self) -> bool:
-        """Undo the last update from wherever it is; return True if a reboot is needed."""
+    def rollback(self, reason: str = "") -> bool:
+        """Undo the last update from wherever it is; return True if a reboot is needed.
+
+        `reason`, when a rollback is not asked for by a person, is what the outcome
+        reports after leaving a trial (empty: "on request").
+        """
         with self._lock:
             snapshot = self.snapshot()
             state, booted = snapshot.state, snapshot.booted
@@ -565,7 +672,7 @@ class Engine:
                 )
                 return False
             if state.phase is Phase.TRIAL and booted is target:
-                self.store.save(replace(state, rollback_requested=True))
+                self.store.save(replace(state, rollback_requested=True, rollback_reason=reason))
                 self.bootloader.mark_bad(booted)
                 return True
             if state.phase is Phase.IDLE:

@@ -4,7 +4,8 @@ The slot is opened exclusively (O_EXCL on a block device fails while anything mo
 holds it) and written at the offsets the payload dictates in large aligned blocks, with
 direct I/O where the device allows it: the image does not pass through (and evict) the
 page cache, which on a small device is most of its memory. The medium is flushed with
-fsync every `fsync_interval` bytes and at the end.
+fsync every `fsync_interval` bytes and at the end; `synced` tells how much of the slot,
+from its start, an fsync has made durable (the watermark a resumable download records).
 
 Blocks that already hold the right bytes are not rewritten: a reinstall of the same
 release, or of one that shares most blocks, wears the flash less and finishes sooner.
@@ -78,6 +79,10 @@ class SlotWriter:
         self._since_fsync = 0
         self.written = 0
         self.skipped = 0
+        # Bytes from the start of the slot that are on the medium: every block before
+        # this offset was written or found identical, and an fsync followed. Set by the
+        # writer thread; an int, so other threads read it whole.
+        self.synced = 0
         self._queue: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
         self._buffer_size = 0
@@ -145,6 +150,7 @@ class SlotWriter:
         if self._error is not None:
             raise self._error
         os.fsync(self._descriptor)
+        self.synced = self._offset
         log.info(
             "wrote %d bytes to %s (%s I/O), %d bytes already right and skipped",
             self.written,
@@ -192,6 +198,7 @@ class SlotWriter:
         if self._since_fsync >= self._fsync_interval:
             os.fsync(self._descriptor)
             self._since_fsync = 0
+            self.synced = offset + length
 
     def _aligned_part(self, offset: int, length: int) -> int:
         """How many of `length` bytes at `offset` can go through the direct descriptor."""

@@ -1,5 +1,6 @@
 """Where an artifact the daemon reads comes from: a path it opens, a descriptor passed to
-it, or an https URL it downloads (otad.download, streamed straight into the engine).
+it, or an https URL it downloads (otad.download, streamed straight into the engine,
+which resumes an interrupted download: otad.resume).
 
 Paths and descriptors become a binary file object the engine reads from. A path must be
 absolute and name a regular file: the daemon never opens a FIFO or a device a caller
@@ -12,9 +13,10 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import sys
 from io import BufferedReader
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 from otad.errors import UsageError
 
@@ -39,6 +41,18 @@ def open_source(text: str, download: DownloadSettings | None) -> Source:
     from otad.download import DownloadSettings, HttpSource
 
     return HttpSource(text, download or DownloadSettings())
+
+
+def as_download(source: object) -> HttpSource | None:
+    """`source` if it is a download (an HttpSource), else None.
+
+    A download exists only once otad.download is imported, so a device that never
+    downloads does not import it (and requests) for this question.
+    """
+    download = sys.modules.get("otad.download")
+    if download is not None and isinstance(source, download.HttpSource):
+        return cast("HttpSource", source)
+    return None
 
 
 def open_path(text: str) -> BufferedReader:

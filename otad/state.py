@@ -3,7 +3,9 @@
 The record is rewritten atomically (temporary file, fsync, rename, fsync of the
 directory) before every step that changes the device, so after a power cut or a kill
 the engine finds either the old record or the new one, never a mix, and knows what it
-was doing. Each phase has a defined recovery (see otad.engine).
+was doing. Each phase has a defined recovery (see otad.engine). An install from a URL
+keeps a second record beside this one, written the same way (`write_atomically`), with
+what it needs to resume after a restart (otad.resume).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class State:
     target: Slot | None = None
     transaction: str | None = None
     rollback_requested: bool = False
+    # Why the rollback was requested, when not by a person: reported after the reboot.
+    rollback_reason: str = ""
     recovery_attempts: int = 0
     # The kernel's boot ID when the phase was entered: tells a restart of the daemon
     # (same boot) from a reboot.
@@ -97,6 +101,7 @@ class State:
             target=None,
             transaction=None,
             rollback_requested=False,
+            rollback_reason="",
             recovery_attempts=0,
             boot_id=None,
             module=None,
@@ -133,6 +138,7 @@ def serialize(state: State) -> bytes:
         "target": state.target.value if state.target else None,
         "transaction": state.transaction,
         "rollback_requested": state.rollback_requested,
+        "rollback_reason": state.rollback_reason,
         "recovery_attempts": state.recovery_attempts,
         "boot_id": state.boot_id,
         "module": state.module,
@@ -184,6 +190,7 @@ def parse(data: bytes, source: str) -> State:
             target=Slot(value["target"]) if value.get("target") else None,
             transaction=value.get("transaction"),
             rollback_requested=bool(value.get("rollback_requested", False)),
+            rollback_reason=str(value.get("rollback_reason") or ""),
             recovery_attempts=int(value.get("recovery_attempts", 0)),
             boot_id=value.get("boot_id"),
             module=value.get("module"),
@@ -204,6 +211,35 @@ def parse(data: bytes, source: str) -> State:
         raise StateCorrupt(f"{source} is not a valid state record: {error!r}") from None
 
 
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old file or the new one.
+
+    Temporary file in the same directory, fsync, rename over `path`, fsync the directory.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(descriptor, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view) :]
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync `directory`, making a rename or an unlink in it durable."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 class StateStore:
     """Loads and atomically saves the state record in `directory`."""
 
@@ -220,20 +256,7 @@ class StateStore:
         return parse(data, str(self.path))
 
     def save(self, state: State) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = self.directory / f".{FILE_NAME}.tmp"
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(descriptor, serialize(state))
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, self.path)
-        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomically(self.path, serialize(state))
         log.info(
             "state saved: %s%s",
             state.phase.value,

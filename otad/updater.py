@@ -9,6 +9,16 @@ Updater pushes to its Listener whenever it changes, always on the loop's thread.
 While the booted slot is on trial the Updater arms the health gate: if nobody commits
 within the configured health_timeout, it rolls back and reboots, as a trial that never
 proved healthy must not stay.
+
+When it starts and finds that a restart or a power cut interrupted an install from a URL
+(the engine's resume record, otad.resume), the Updater resumes it by itself, as an
+install like any other (State "installing", Progress, Completed, LastError), with the
+interrupted install's allow_downgrade, and without rebooting afterwards; an install that
+failed on the network, and said so, resumes only when its URL is installed again. It
+gives up after download.resume_attempts such starts in a row that got no further (0:
+never by itself), which also breaks a loop of a resume that crashes the daemon. Stopping
+the daemon interrupts an install rather than cancelling it, so it resumes at the next
+start.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from otad.compat import check_compatible
 from otad.engine import Engine, Snapshot
 from otad.errors import NoSpace, NotAuthorized, OtadError, StateConflict, UsageError
 from otad.slots import SlotDevice
-from otad.sources import Source, is_seekable
+from otad.sources import Source, is_seekable, open_source
 from otad.state import Phase, SlotStatus
 
 log = logging.getLogger(__name__)
@@ -176,9 +186,11 @@ class Updater:
         self._progress = (0, "")
         self._last_error = ""
         self._cancel: threading.Event | None = None
+        self._stopping = threading.Event()  # set by stop(): an install ends resumable
         self._verifiers: tuple[Verifier, ...] | None = None
         self._health_gate: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reserved = ""  # while set, every operation is refused with this text
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -198,7 +210,26 @@ class Updater:
             self._verifiers = tuple(load_verifier(key) for key in self.engine.config.trusted_keys)
         return self._verifiers
 
+    def reserve(self, reason: str) -> None:
+        """Refuse every operation with StateConflict(`reason`) until `release()`.
+
+        For work that starts an operation later and must not find another one running
+        then (a deployment from a Mender server, between its download and its install);
+        StateConflict when an operation runs or another reservation stands.
+        """
+        if self._reserved:
+            raise StateConflict(self._reserved)
+        if self._operation is not Operation.NONE:
+            raise StateConflict(f"another operation is in progress: {self._operation.value}")
+        self._reserved = reason
+
+    def release(self) -> None:
+        """End the reservation; the holder may then claim its own operation."""
+        self._reserved = ""
+
     def _claim(self, operation: Operation) -> None:
+        if self._reserved:
+            raise StateConflict(self._reserved)
         if self._operation is not Operation.NONE:
             raise StateConflict(f"another operation is in progress: {self._operation.value}")
         self._operation = operation
@@ -278,7 +309,45 @@ class Updater:
         status = await self.refresh()
         if status.state is ServiceState.TRIAL:
             self._arm_health_gate()
+        elif status.state is ServiceState.IDLE and await self._resume_interrupted():
+            status = self.status
         return status
+
+    async def _resume_interrupted(self) -> bool:
+        """Start resuming an install from a URL that a restart interrupted; True if it started."""
+        record = await self._blocking(self.engine.interrupted_download)
+        if record is None:
+            return False
+        from otad.download import DownloadSettings, shown_url  # brings in requests
+
+        url = shown_url(record.url)
+        allowed = (self.engine.config.download or DownloadSettings()).resume_attempts
+        if not allowed:
+            log.info("an install of %s was interrupted; it resumes when installed again", url)
+            return False
+        if record.attempts >= allowed:
+            message = (
+                f"gave up resuming the interrupted install of {url}: "
+                f"{record.attempts} attempts in a row got no further"
+            )
+            log.warning("%s", message)
+            await self._blocking(self.engine.forget_download, message)
+            self._last_error = message
+            await self.refresh()
+            return False
+        await self._blocking(self.engine.count_resume_attempt, record)
+        options = InstallOptions(allow_downgrade=record.allow_downgrade)
+        try:
+            job, _ = await self.start_install(
+                open_source(record.url, self.engine.config.download), options
+            )
+        except Exception as error:
+            self._note_failure("resuming the interrupted install", error)
+            await self.refresh()
+            return False
+        log.info("resuming the interrupted install of %s (job %s)", url, job)
+        self._set_progress(0, f"resuming the interrupted download of {url}")
+        return True
 
     def _seconds_since_boot(self) -> float:
         """The kernel's uptime; 0 when it cannot be read (the gate then runs in full)."""
@@ -324,12 +393,13 @@ class Updater:
         )
         # A failed rollback is logged by rollback(); the reboot still ends the trial,
         # as the bootloader falls back once the trial's boots are used up.
-        with contextlib.suppress(Exception):
-            await self.rollback(reboot=False)
-        self._last_error = (
+        reason = (
             f"the trial of slot {status.booted.value} was not committed within "
-            f"{self.engine.config.health_timeout} s; otad rolled it back"
+            f"{self.engine.config.health_timeout} s"
         )
+        with contextlib.suppress(Exception):
+            await self.rollback(reboot=False, reason=reason)
+        self._last_error = f"{reason}; otad rolled it back"
         await self.refresh()
         await self._reboot_now()
 
@@ -430,6 +500,7 @@ class Updater:
                     allow_downgrade=options.allow_downgrade,
                     progress=progress,
                     cancel=cancel,
+                    interrupt=self._stopping,
                 )
         except Exception as error:
             self._note_failure("install", error)
@@ -479,11 +550,14 @@ class Updater:
             self._operation = Operation.NONE
             await self.refresh()
 
-    async def rollback(self, *, reboot: bool) -> bool:
-        """Undo the last update; reboot if asked and needed. Returns whether one is needed."""
+    async def rollback(self, *, reboot: bool, reason: str = "") -> bool:
+        """Undo the last update; reboot if asked and needed. Returns whether one is needed.
+
+        `reason` says why when no person asked (see Engine.rollback).
+        """
         self._claim(Operation.ROLLBACK)
         try:
-            needs_reboot = await self._blocking(self.engine.rollback)
+            needs_reboot = await self._blocking(self.engine.rollback, reason)
         except Exception as error:
             self._note_failure("rollback", error)
             raise
@@ -524,6 +598,7 @@ class Updater:
     async def stop(self, timeout: float) -> None:
         """Cancel a running install and wait (up to `timeout` s) for background work."""
         self._disarm_health_gate()
+        self._stopping.set()
         self.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)

@@ -34,6 +34,7 @@ retries = 3
 retry_time = 30
 connect_timeout = 5
 read_timeout = 7.5
+resume_attempts = 0
 """
     )
     assert parse_download_settings(table) == DownloadSettings(
@@ -46,6 +47,7 @@ read_timeout = 7.5
         retry_time=30.0,
         connect_timeout=5.0,
         read_timeout=7.5,
+        resume_attempts=0,
     )
 
 
@@ -64,6 +66,8 @@ read_timeout = 7.5
         ({"retry_time": 0}, "download.retry_time"),
         ({"read_timeout": -2.5}, "download.read_timeout"),
         ({"connect_timeout": "10"}, "download.connect_timeout"),
+        ({"resume_attempts": -1}, "download.resume_attempts"),
+        ({"resume_attempts": 1.5}, "download.resume_attempts"),
     ],
 )
 def test_bad_settings_name_their_key(table: dict[str, Any], key: str) -> None:

@@ -68,3 +68,20 @@ def test_uses_direct_io_on_a_block_device(disk: Disk) -> None:
     writer = _write(disk, _image(4, 2))
 
     assert writer._direct
+
+
+def test_synced_follows_the_fsync_watermarks_and_never_runs_ahead(disk: Disk) -> None:
+    data = _image(5, 5)
+    seen = []
+    with SlotWriter(disk.partitions["b"], fsync_interval=2 * BLOCK) as writer:
+        for start in range(0, len(data), BLOCK):
+            writer.write(data[start : start + BLOCK])
+            seen.append(writer.synced)
+        writer.finish()
+
+    # Only watermarks (after 2 and 4 MiB written and fsynced) or 0 before the first,
+    # each no further than what had been handed to the writer.
+    assert all(value in (0, 2 * BLOCK, 4 * BLOCK) for value in seen)
+    assert all(value <= (index + 1) * BLOCK for index, value in enumerate(seen))
+    assert seen == sorted(seen)
+    assert writer.synced == len(data)

@@ -133,6 +133,13 @@ def test_uncommitted_trial_is_rolled_back_and_rebooted(
     assert record is not None
     assert record.rollback_requested
     assert daemon.device.bootloader.status().next_boot is Slot.A
+    # After the reboot, the daemon of slot a still says why the update was rolled back.
+    assert daemon.reboot_device() is Slot.A
+    values = properties(daemon)
+    assert (values["State"], values["BootedSlot"]) == ("idle", "a")
+    assert values["LastError"] == (
+        "rolled back from slot b to slot a: the trial of slot b was not committed within 2 s"
+    )
 
 
 def test_committed_trial_is_not_rolled_back(

@@ -38,6 +38,13 @@ key that holds it. An example, with the defaults of the optional keys:
     retry_time = 600                         # seconds of backoff in all
     connect_timeout = 15
     read_timeout = 60                        # a stall longer than this resumes
+    resume_attempts = 3                      # automatic resumes at start, see otad.resume
+
+    [server]                                 # a Mender server manages the device
+    url = "https://hosted.mender.io"         # (without [server], none does); every
+    tenant_token = "..."                     # key is in otad/fleet/config.py
+    identity_interface = "eth0"
+    poll_interval = 1800
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from otad.errors import ConfigError
 
 if TYPE_CHECKING:
     from otad.download import DownloadSettings
+    from otad.fleet.config import ServerConfig
 
 DEFAULT_PATH = Path("/etc/otad/otad.conf")
 
@@ -140,6 +148,8 @@ class Config:
     removable: RemovableConfig = field(default_factory=RemovableConfig)
     # None: the defaults of otad.download.DownloadSettings (system CAs, https only).
     download: DownloadSettings | None = None
+    # None: no Mender server manages the device (the fleet client does not run).
+    server: ServerConfig | None = None
 
 
 _TOP_KEYS = {
@@ -152,6 +162,7 @@ _TOP_KEYS = {
     "install",
     "removable",
     "download",
+    "server",
 }
 
 
@@ -247,6 +258,17 @@ def _parse_download(table: Mapping[str, Any]) -> DownloadSettings | None:
     return parse_download_settings(_take(table, "download", dict, ""))
 
 
+def _parse_server(
+    table: Mapping[str, Any], download: DownloadSettings | None, data_dir: Path
+) -> ServerConfig | None:
+    if "server" not in table:
+        return None
+    # Imported here for the same reason as otad.download above.
+    from otad.fleet.config import parse_server_config
+
+    return parse_server_config(_take(table, "server", dict, ""), download, data_dir)
+
+
 def parse_config(text: str, source: str = "otad.conf") -> Config:
     """Parse the TOML text of a configuration; ConfigError names the offending key."""
     try:
@@ -265,16 +287,19 @@ def parse_config(text: str, source: str = "otad.conf") -> Config:
         raise ConfigError(
             "health_timeout", f"must be a positive number of seconds, found {timeout}"
         )
+    data_dir = _absolute(_take(table, "data_dir", str, ""), "data_dir")
+    download = _parse_download(table)
     return Config(
         device_type=device_type,
-        data_dir=_absolute(_take(table, "data_dir", str, ""), "data_dir"),
+        data_dir=data_dir,
         trusted_keys=tuple(_absolute(key, "trusted_keys") for key in keys),
         bootloader=_parse_bootloader(_take(table, "bootloader", dict, "")),
         slots=_parse_slots(_take(table, "slots", dict, "")),
         health_timeout=timeout,
         install=_parse_install(_take(table, "install", dict, "", {})),
         removable=parse_removable(_take(table, "removable", dict, "", {})),
-        download=_parse_download(table),
+        download=download,
+        server=_parse_server(table, download, data_dir),
     )
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from io import BufferedReader
 from pathlib import Path
@@ -108,7 +109,41 @@ def _status_json(values: dict[str, Any]) -> dict[str, Any]:
         "current_artifact": values["CurrentArtifact"],
         "compatible": values["Compatible"],
         "last_error": values["LastError"],
+        "server": _server_json(values),
     }
+
+
+def _server_json(values: dict[str, Any]) -> dict[str, Any]:
+    """The Mender server side; a daemon older than these properties shows as disabled."""
+    deployment_id, artifact = values.get("Deployment", ["", ""])
+    return {
+        "url": values.get("Server", ""),
+        "status": values.get("ServerStatus", "disabled"),
+        "error": values.get("ServerError", ""),
+        "last_poll": values.get("LastPoll", 0),
+        "deployment": {"id": deployment_id, "artifact": artifact},
+        "deployment_status": values.get("DeploymentStatus", ""),
+    }
+
+
+def _server_lines(server: dict[str, Any]) -> list[str]:
+    if server["status"] == "disabled":
+        return ["Server: none"]
+    lines = [f"Server: {server['url']} ({server['status']})"]
+    if server["error"]:
+        lines.append(f"Server error: {server['error']}")
+    if server["last_poll"]:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(server["last_poll"]))
+        lines.append(f"Last poll: {stamp}")
+    else:
+        lines.append("Last poll: never")
+    deployment = server["deployment"]
+    if deployment["id"]:
+        lines.append(f"Deployment: {deployment['id']} ({deployment['artifact']}), "
+                     f"{server['deployment_status'] or 'starting'}")  # fmt: skip
+    elif server["deployment_status"]:
+        lines.append(f"Last deployment: {server['deployment_status']}")
+    return lines
 
 
 async def _status(client: UpdaterClient, args: argparse.Namespace) -> int:
@@ -124,6 +159,7 @@ async def _status(client: UpdaterClient, args: argparse.Namespace) -> int:
         f"Next boot: slot {status['next_slot']}",
         f"Device type: {status['compatible']}",
         f"Last error: {status['last_error'] or 'none'}",
+        *_server_lines(status["server"]),
     ]
     if status["operation"] != "none":
         progress = status["progress"]

@@ -4,7 +4,9 @@ At start it reads otad.conf, finishes or undoes what an interrupted run left (th
 engine's recovery), owns the bus name and tells systemd it is ready. While the booted
 slot runs on trial it rolls back and reboots unless the trial is committed within the
 configured health_timeout. With [removable] enabled it watches for USB sticks and SD
-cards and installs or announces the artifact it finds on them (otad.media).
+cards and installs or announces the artifact it finds on them (otad.media). With
+[server] it is managed from a Mender server: a thread polls it for deployments and
+installs them like any install (otad.fleet.service); without [server] it sends nothing.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import shlex
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 
 from otad.bootloader import make_bootloader
 from otad.cli.common import EXIT_OK, run_command, setup_logging
-from otad.config import DEFAULT_PATH, load_config
+from otad.config import DEFAULT_PATH, Config, load_config
 from otad.dbus import BUS_NAME, OBJECT_PATH
 from otad.dbus.authorize import DEFAULT_GROUP, Authorizer
 from otad.dbus.bus import close, connect, wait_for_disconnect
@@ -39,9 +42,13 @@ from otad.removable import MEDIA_DIR, MediumPredicate, is_loop_backed_under, is_
 from otad.sdnotify import notify, watchdog_interval
 from otad.updater import Status, Updater
 
+if TYPE_CHECKING:
+    from otad.fleet.service import FleetService, Prepared
+
 PROGRAM = "otad"
 DEFAULT_REBOOT_COMMAND = "systemctl reboot"
 STOP_TIMEOUT = 30.0  # seconds a running install has to notice a cancel at shutdown
+FLEET_STOP_TIMEOUT = 5.0  # seconds the fleet client's thread has to end at shutdown
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +94,18 @@ def _status_line(status: Status) -> str:
 
 
 class _Announcer:
-    """The Updater's listener in the daemon: the D-Bus interface, and systemd's STATUS."""
+    """The Updater's listener in the daemon: the D-Bus interface, systemd's STATUS, and
+    the fleet client (a commit or rollback moves its deployment on)."""
 
-    def __init__(self, interface: Updater1Interface) -> None:
+    def __init__(self, interface: Updater1Interface, fleet: FleetService | None) -> None:
         self.interface = interface
+        self.fleet = fleet
         self._line = ""
 
     def status_changed(self, status: Status) -> None:
         self.interface.status_changed(status)
+        if self.fleet is not None:
+            self.fleet.status_changed(status)
         line = _status_line(status)
         if line != self._line:
             self._line = line
@@ -147,29 +158,66 @@ async def _own_name(bus: MessageBus) -> None:
         raise EnvironmentProblem(f"{BUS_NAME} is already owned: is another otad running?")
 
 
+def _prepare_fleet(config: Config) -> Prepared | None:
+    if config.server is None:
+        return None
+    # Imported only here: a device no server manages need not load requests.
+    from otad.fleet.service import prepare
+
+    return prepare(config)
+
+
+def _fleet(
+    prepared: Prepared | None,
+    updater: Updater,
+    interface: Updater1Interface,
+    reboot: functools.partial[None],
+) -> FleetService | None:
+    if prepared is None:
+        log.info("no [server] in otad.conf: not managed by a Mender server")
+        return None
+    from otad.fleet.service import FleetService
+
+    fleet = FleetService(
+        prepared,
+        updater,
+        download=updater.engine.config.download,
+        reboot=reboot,
+        on_status=interface.fleet_changed,
+    )
+    interface.fleet_changed(fleet.status)
+    return fleet
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM or SIGINT."""
     reboot_argv = shlex.split(args.reboot_command)
     if not reboot_argv:
         raise UsageError("--reboot-command must not be empty")
     config = load_config(args.config)
+    prepared = await asyncio.get_running_loop().run_in_executor(None, _prepare_fleet, config)
     engine = Engine(config, make_bootloader(config.bootloader), paths=SystemPaths(proc=args.proc))
-    updater = Updater(engine, reboot=functools.partial(_reboot, reboot_argv))
+    reboot = functools.partial(_reboot, reboot_argv)
+    updater = Updater(engine, reboot=reboot)
     status = await updater.start()
     log.info("started: %s", _status_line(status))
 
     media = _media(updater, args)
     bus = await connect(args.bus_address)
     watchdog: asyncio.Task[None] | None = None
+    fleet: FleetService | None = None
     try:
         service = Updater1Service(updater, Authorizer(bus, args.group), media)
         interface = Updater1Interface(service, status)
-        updater.listener = _Announcer(interface)
+        fleet = _fleet(prepared, updater, interface, reboot)
+        updater.listener = _Announcer(interface, fleet)
         media.offered = interface.offered
         bus.add_message_handler(note_caller)
         bus.export(OBJECT_PATH, interface)
         await _own_name(bus)
         media.start()
+        if fleet is not None:
+            fleet.start()
         notify("READY=1", f"STATUS={_status_line(updater.status)}")
         interval = watchdog_interval()
         if interval is not None:
@@ -177,10 +225,15 @@ async def serve(args: argparse.Namespace) -> int:
         await _wait_for_stop(bus)
         notify("STOPPING=1")
         media.stop()
+        if fleet is not None:
+            fleet.stop()
         await updater.stop(STOP_TIMEOUT)
         await media.join(STOP_TIMEOUT)
     finally:
         media.stop()
+        if fleet is not None:
+            fleet.stop()
+            await fleet.join(FLEET_STOP_TIMEOUT)
         if watchdog is not None:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -8,16 +8,19 @@ and emits the signals. The members must match systemd/dbus/org.otad.Updater1.xml
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from otad.dbus import INTERFACE
 from otad.dbus.errors import completion_result
-from otad.dbus.service import Updater1Service, offer_entry, status_properties
+from otad.dbus.service import Updater1Service, fleet_properties, offer_entry, status_properties
 from otad.removable import MediumArtifact
 from otad.updater import Status
+
+if TYPE_CHECKING:
+    from otad.fleet.poller import FleetStatus
 
 
 class Updater1Interface(ServiceInterface):
@@ -27,6 +30,7 @@ class Updater1Interface(ServiceInterface):
         super().__init__(INTERFACE)
         self._service = service
         self._values: dict[str, Any] = status_properties(status)
+        self._fleet: dict[str, Any] = fleet_properties(None)
 
     # -- otad.updater.Listener ------------------------------------------------------
 
@@ -34,6 +38,15 @@ class Updater1Interface(ServiceInterface):
         values = status_properties(status)
         changed = {name: value for name, value in values.items() if self._values[name] != value}
         self._values = values
+        if changed:
+            self.emit_properties_changed(changed)
+
+    # -- otad.fleet.service.FleetService's on_status (on the loop's thread) -------------
+
+    def fleet_changed(self, status: FleetStatus) -> None:
+        values = fleet_properties(status)
+        changed = {name: value for name, value in values.items() if self._fleet[name] != value}
+        self._fleet = values
         if changed:
             self.emit_properties_changed(changed)
 
@@ -126,3 +139,27 @@ class Updater1Interface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def LastError(self) -> "s":
         return self._values["LastError"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Server(self) -> "s":
+        return self._fleet["Server"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ServerStatus(self) -> "s":
+        return self._fleet["ServerStatus"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ServerError(self) -> "s":
+        return self._fleet["ServerError"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastPoll(self) -> "t":
+        return self._fleet["LastPoll"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Deployment(self) -> "(ss)":
+        return self._fleet["Deployment"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DeploymentStatus(self) -> "s":
+        return self._fleet["DeploymentStatus"]

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Awaitable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dbus_next.constants import MessageType
 from dbus_next.message import Message
@@ -29,6 +29,9 @@ from otad.media import MediaUpdates
 from otad.removable import MediumArtifact
 from otad.sources import is_public, is_url, open_descriptor, open_path, open_source
 from otad.updater import ArtifactInfo, InstallOptions, SlotInfo, Status, Updater
+
+if TYPE_CHECKING:
+    from otad.fleet.poller import FleetStatus
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,30 @@ def status_properties(status: Status) -> dict[str, Any]:
         "CurrentArtifact": status.current_artifact,
         "Compatible": status.compatible,
         "LastError": status.last_error,
+    }
+
+
+SERVER_DISABLED = "disabled"
+
+
+def fleet_properties(status: FleetStatus | None) -> dict[str, Any]:
+    """The properties of the Mender server side; `status` None: no [server] in otad.conf."""
+    if status is None:
+        return {
+            "Server": "",
+            "ServerStatus": SERVER_DISABLED,
+            "ServerError": "",
+            "LastPoll": 0,
+            "Deployment": ["", ""],
+            "DeploymentStatus": "",
+        }
+    return {
+        "Server": status.server,
+        "ServerStatus": status.state.value,
+        "ServerError": status.last_error,
+        "LastPoll": int(status.last_poll),
+        "Deployment": [status.deployment_id, status.deployment_artifact],
+        "DeploymentStatus": status.deployment_status,
     }
 
 

@@ -5,7 +5,8 @@ self-hosted), polls it for deployments, installs them with the update engine, re
 every step of a deployment and keeps the server's inventory of the device current.
 Modules: `config` (the [server] table), `client` (HTTP and the errors of the server),
 `auth` (the device key and authentication), `deployments`, `inventory`, `device` (what
-is read of the engine), `pending` (the deployment in progress, kept across reboots) and
+is read of the engine), `pending` (the deployment in progress, kept across reboots),
 `poller` (the loop that ties them together; its docstring maps every answer of the
-server to what otad does).
+server to what otad does) and `service` (the poller in the daemon, on its own thread,
+installing through the Updater).
 """

@@ -1,7 +1,7 @@
 """Device authentication: the device key, the identity and the signed auth request.
 
-The device key identifies the device to the server; it is made once, kept in the data
-directory (mode 0600) and is unrelated to the keys that sign artifacts. Authentication
+The device key identifies the device to the server; it is made once, kept on the data
+partition (mode 0600) and is unrelated to the keys that sign artifacts. Authentication
 is POST /api/devices/v1/authentication/auth_requests (deviceauth, devices API v1) with
 the JSON body {id_data, pubkey, tenant_token}, where id_data is the identity attributes
 as a JSON string. The header X-MEN-Signature is the base64 of the device key's
@@ -27,15 +27,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from otad.artifact.signing import PrivateKey, private_pem
-from otad.errors import ConfigError, EnvironmentProblem, KeyProblem
+from otad.errors import ConfigError, EnvironmentProblem, KeyProblem, OtadError
 from otad.fleet.client import BadReply, Client
 from otad.fleet.config import KeyType, ServerConfig
+from otad.process import run
 
 log = logging.getLogger(__name__)
 
 AUTH_PATH = "/api/devices/v1/authentication/auth_requests"
-KEY_FILE = "device-key.pem"
 RSA_BITS = 3072
+SCRIPT_TIMEOUT = 60.0  # seconds an identity or inventory script may take
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,12 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-def load_device_key(directory: Path, key_type: KeyType) -> DeviceKey:
-    """The device key kept in `directory`, made (of `key_type`) the first time.
+def load_device_key(path: Path, key_type: KeyType) -> DeviceKey:
+    """The device key kept at `path`, made (of `key_type`) the first time.
 
     An existing key is used whatever its type: a new key would make the server see a
     new device, which a person would have to accept again.
     """
-    path = directory / KEY_FILE
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -122,11 +122,49 @@ def load_device_key(directory: Path, key_type: KeyType) -> DeviceKey:
     return DeviceKey(loaded, path)
 
 
+def parse_key_values(text: str, source: str) -> dict[str, list[str]]:
+    """The `key=value` lines of a script's output (as Mender's identity and inventory
+    scripts print them), each key with its values in order; blank lines are skipped."""
+    found: dict[str, list[str]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, separator, value = line.partition("=")
+        if not separator or not key.strip():
+            raise EnvironmentProblem(f"{source}: line {number} is not key=value: {line[:80]!r}")
+        found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def run_script(path: Path) -> dict[str, list[str]]:
+    """Run an identity or inventory script and parse its output; EnvironmentProblem
+    (with the script's name) when it cannot run, fails or prints something else."""
+    try:
+        result = run([path], timeout=SCRIPT_TIMEOUT)
+    except OtadError as error:
+        raise EnvironmentProblem(f"{path}: {error}") from None
+    try:
+        text = result.stdout.decode()
+    except UnicodeDecodeError:
+        raise EnvironmentProblem(f"{path} printed something that is not UTF-8 text") from None
+    return parse_key_values(text, str(path))
+
+
 def read_identity(
     config: ServerConfig, sys_class_net: Path = Path("/sys/class/net")
 ) -> dict[str, str]:
-    """The identity attributes: the fixed ones, and the mac of identity_interface."""
-    identity = dict(config.identity)
+    """The identity attributes: identity_script's output, the fixed ones, and the mac
+    of identity_interface; ConfigError or EnvironmentProblem when none can be had."""
+    identity: dict[str, str] = {}
+    if config.identity_script is not None:
+        for key, values in run_script(config.identity_script).items():
+            if len(values) > 1:
+                raise EnvironmentProblem(
+                    f"{config.identity_script} printed {key} {len(values)} times: an "
+                    "identity attribute must have one value"
+                )
+            identity[key] = values[0]
+    identity.update(config.identity)
     if config.identity_interface:
         path = sys_class_net / config.identity_interface / "address"
         try:
@@ -139,7 +177,27 @@ def read_identity(
             raise ConfigError(
                 "server.identity_interface", f"{config.identity_interface} has no address"
             )
+    if not identity or any(not value for value in identity.values()):
+        raise ConfigError("server.identity_script", f"gave an empty identity: {identity!r}")
     return identity
+
+
+def read_tenant_token(config: ServerConfig) -> str:
+    """tenant_token, or the contents of tenant_token_file; ConfigError naming the key."""
+    if config.tenant_token_file is None:
+        return config.tenant_token
+    try:
+        token = config.tenant_token_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        problem = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(
+            "server.tenant_token_file", f"cannot read {config.tenant_token_file}: {problem}"
+        ) from None
+    if not token or any(char.isspace() for char in token):
+        raise ConfigError(
+            "server.tenant_token_file", f"{config.tenant_token_file} holds no single token"
+        )
+    return token
 
 
 def auth_request_body(identity: Mapping[str, str], key: DeviceKey, tenant_token: str) -> bytes:

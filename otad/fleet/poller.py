@@ -35,12 +35,19 @@ the specifications, so the intervals are otad.conf's):
     malformed answer                                                    same report again
 
 "Backoff" waits retry_interval after the first failure in a row and doubles each time,
-up to poll_interval; the first success resets it. Final statuses are kept on disk until
-the server has them, so a failure to report never loses the outcome.
+up to max_retry_interval (default: poll_interval); the first success resets it. Final
+statuses are kept on disk until the server has them, so a failure to report never
+loses the outcome.
+
+A deployment is taken only when the daemon's `begin` hook agrees (no other install or
+operation runs); otherwise it is left on the server, which hands it out again at the
+next poll. A hook raises `Stopped` when the daemon shuts down: the loop then ends at
+once, and the deployment's record tells the next start where it was.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -50,7 +57,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from otad.artifact.streams import Readable
-from otad.errors import OtadError
+from otad.errors import OtadError, StateConflict
 from otad.fleet.auth import AUTH_PATH, DeviceKey, authenticate
 from otad.fleet.client import Client, ServerError, Unauthorized
 from otad.fleet.config import ServerConfig
@@ -62,7 +69,7 @@ from otad.fleet.deployments import (
     log_message,
 )
 from otad.fleet.device import DeviceView
-from otad.fleet.inventory import collect_attributes, send_inventory
+from otad.fleet.inventory import Value, collect_attributes, run_inventory_scripts, send_inventory
 from otad.fleet.pending import Pending, PendingStore, Stage
 from otad.state import Outcome, Phase
 
@@ -74,11 +81,26 @@ ReadDevice = Callable[[], DeviceView]
 T = TypeVar("T")
 
 
+class Stopped(Exception):
+    """Raised by a hook when the daemon stops: the poller's loop ends where it is."""
+
+
+class ServerState(enum.Enum):
+    """How the device stands with the server; the value is the spelling on D-Bus."""
+
+    CONNECTING = "connecting"  # nothing answered yet
+    UNAUTHORIZED = "unauthorized"  # the server does not accept the device (yet)
+    AUTHORIZED = "authorized"  # the device holds a token and the last exchange worked
+    UNREACHABLE = "unreachable"  # the last request got no answer
+    ERROR = "error"  # the server answered with an error (last_error says which)
+
+
 @dataclass(frozen=True)
 class FleetStatus:
     """What D-Bus clients see of the fleet server (times in seconds since the epoch)."""
 
     server: str
+    state: ServerState
     reachable: bool  # the last request got an answer
     authorized: bool  # the device holds a token
     last_poll: float  # 0: not yet
@@ -97,6 +119,10 @@ class DeviceHooks:
     install: Installer  # raises on failure; the engine's record tells the rest
     reboot: Callable[[], object]
     rollback: Callable[[], object] | None = None  # cancels an installed, unbooted update
+    # Before a deployment is taken: raises StateConflict when the device is busy, and
+    # from then on refuses other operations until `end`, which follows on every path.
+    begin: Callable[[Deployment], object] | None = None
+    end: Callable[[], object] | None = None
 
 
 def _close(source: object) -> None:
@@ -145,7 +171,9 @@ class Poller:
         self._next_poll = self._next_inventory = clock()
         self._failures = 0
         self._wake = threading.Event()
-        self._status = FleetStatus(config.url, False, False, 0.0, "", "", "", "")
+        self._status = FleetStatus(
+            config.url, ServerState.CONNECTING, False, False, 0.0, "", "", "", ""
+        )
         if self._pending is not None:
             self._publish(
                 deployment_id=self._pending.deployment_id,
@@ -178,7 +206,11 @@ class Poller:
     def run(self, stop: threading.Event, sleep: Callable[[float], object] | None = None) -> None:
         """Step until `stop` is set; waits end early on `wake()`."""
         while not stop.is_set():
-            delay = self.step()
+            try:
+                delay = self.step()
+            except Stopped:
+                log.info("fleet client stopped")
+                return
             if sleep is not None:
                 sleep(delay)
                 continue
@@ -190,10 +222,13 @@ class Poller:
         try:
             return self._step()
         except Unauthorized as error:
-            self._publish(authorized=False, reachable=True, last_error=str(error))
+            self._publish(state=ServerState.UNAUTHORIZED, authorized=False, reachable=True,
+                          last_error=str(error))  # fmt: skip
             return self._backoff(error)
         except ServerError as error:
-            self._publish(reachable=error.status is not None, last_error=str(error))
+            reachable = error.status is not None
+            state = ServerState.ERROR if reachable else ServerState.UNREACHABLE
+            self._publish(state=state, reachable=reachable, last_error=str(error))
             return self._backoff(error)
 
     def _call(self, function: Callable[..., T], *args: Any) -> T:
@@ -212,14 +247,14 @@ class Poller:
     def _backoff(self, error: ServerError) -> float:
         self._failures += 1
         delay: float = min(
-            self.config.poll_interval, self.config.retry_interval * 2.0 ** (self._failures - 1)
+            self.config.backoff_limit, self.config.retry_interval * 2.0 ** (self._failures - 1)
         )
         log.warning("%s; trying again in %.0f s", error, delay)
         return delay
 
     def _succeeded(self) -> None:
         self._failures = 0
-        self._publish(reachable=True, authorized=True, last_error="")
+        self._publish(state=ServerState.AUTHORIZED, reachable=True, authorized=True, last_error="")
 
     def _step(self) -> float:
         if self.client.token is None:
@@ -232,15 +267,21 @@ class Poller:
                 return self.config.retry_interval
         now = self._clock()
         if now >= self._next_inventory:
-            attributes = collect_attributes(self.hooks.read_device(), self.identity)
-            self._call(send_inventory, self.client, attributes)
+            self._call(send_inventory, self.client, self._attributes())
             self._next_inventory = now + self.config.inventory_interval
         if now >= self._next_poll:
-            self._poll()
-            self._next_poll = self._clock() + self.config.poll_interval
-            self._publish(last_poll=time.time())
+            taken = self._poll()
+            wait = self.config.poll_interval if taken else self.config.retry_interval
+            self._next_poll = self._clock() + wait
         self._succeeded()
         return self._delay()
+
+    def _attributes(self) -> list[Any]:
+        extra: dict[str, Value] = {}
+        if self.config.inventory_dir is not None:
+            extra.update(run_inventory_scripts(self.config.inventory_dir))
+        extra.update(self.config.inventory)
+        return collect_attributes(self.hooks.read_device(), self.identity, extra=extra)
 
     def _delay(self) -> float:
         if self._pending is not None:  # an install that waits for its trial or commit
@@ -249,22 +290,37 @@ class Poller:
 
     # -- one deployment -----------------------------------------------------------
 
-    def _poll(self) -> None:
+    def _poll(self) -> bool:
+        """Ask for a deployment and carry it out; False when one waits until the device
+        is free (the next poll comes after retry_interval then)."""
         view = self.hooks.read_device()
         if view.phase is not Phase.IDLE:
             log.info("not checking for deployments: an update is %s", view.phase.value)
-            return
+            return True
         deployment = self._call(self.api.next_deployment, view.device_provides())
+        self._publish(last_poll=time.time())
         if deployment is None:
             log.debug("no deployment for this device")
-            return
+            return True
         log.info("deployment %s: %s from %s", deployment.id, deployment.artifact_name,
                  deployment.uri.split("?")[0])  # fmt: skip
         self._publish(deployment_id=deployment.id, deployment_artifact=deployment.artifact_name)
         if deployment.artifact_name == view.artifact_name:
             self._report_once(deployment.id, DeploymentStatus.ALREADY_INSTALLED)
-            return
-        self._start(deployment)
+            return True
+        if self.hooks.begin is not None:
+            try:
+                self.hooks.begin(deployment)
+            except StateConflict as error:
+                log.info("deployment %s waits for the next poll: %s", deployment.id, error)
+                self._publish(deployment_id="", deployment_artifact="")
+                return False
+        try:
+            self._start(deployment)
+        finally:
+            if self.hooks.end is not None:
+                self.hooks.end()
+        return True
 
     def _report_once(self, deployment_id: str, status: DeploymentStatus) -> None:
         try:
@@ -351,6 +407,8 @@ class Poller:
             self._save(final)
             self._send_final(final)
             return
+        # TODO: install the deployment again (resuming the download) instead of failing
+        # it, when the engine resumes interrupted https installs after a restart.
         message = (
             view.last.message
             if view.last and view.last.time >= pending.started

@@ -18,7 +18,7 @@ from otad.download import DownloadSettings, HttpSource
 from otad.errors import OtadError
 from otad.fleet.auth import load_device_key
 from otad.fleet.client import Client
-from otad.fleet.config import KeyType, ServerConfig
+from otad.fleet.config import KEY_FILE, KeyType, ServerConfig
 from otad.fleet.deployments import Deployment
 from otad.fleet.device import DeviceView
 from otad.fleet.poller import DeviceHooks, Poller
@@ -126,11 +126,11 @@ def make_poller(
             retry_interval=60,
             key_type=KeyType.ED25519,
             identity={"serial": "SN-0042"},
-            allow_http=True,
+            tls=DownloadSettings(allow_http=True),
         )
         config = replace(config, **settings)
         directory = tmp_path / "fleet"
-        key = load_device_key(directory, config.key_type)
+        key = load_device_key(directory / KEY_FILE, config.key_type)
         hooks = hooks or DeviceHooks(
             read_device=lambda: fake_device.view,
             open_artifact=open_over_http,

@@ -70,13 +70,18 @@ DEPLOYMENT_LOG: Schema = {
     },
 }
 
-# inventory v1: a list of Attribute (name and value required).
+# inventory v1: a list of Attribute (name and value required; a value is a string, a
+# number or an array of either, not mixed; otad sends strings and arrays of strings).
 ATTRIBUTES: Schema = {
     "type": "array",
     "items": {
         "type": "object",
         "required": ["name", "value"],
-        "properties": {"name": STRING, "value": STRING, "description": STRING},
+        "properties": {
+            "name": STRING,
+            "value": {"anyOf": [STRING, {"type": "array", "items": STRING}]},
+            "description": STRING,
+        },
     },
 }
 
@@ -112,6 +117,9 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 
 def problems(value: Any, schema: Schema, where: str = "$") -> list[str]:
     """What in `value` breaks `schema` (empty when it fits); unknown properties break it."""
+    if "anyOf" in schema:
+        found_each = [problems(value, choice, where) for choice in schema["anyOf"]]
+        return [] if any(not found for found in found_each) else found_each[0]
     kind = schema["type"]
     if not isinstance(value, _TYPES[kind]):
         return [f"{where}: expected {kind}, found {type(value).__name__}"]

@@ -14,6 +14,7 @@ import base64
 import json
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +42,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: Any  # parsed JSON, or None
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Script:
     fail_status: deque[int] = field(default_factory=deque)  # for status reports
     offers: deque[Offer] = field(default_factory=deque)
     aborted: set[str] = field(default_factory=set)  # deployment ids answered 409
+    # Status reports wait for this to be set before they are answered (None: no wait).
+    hold_status: threading.Event | None = None
 
 
 def verify_signature(pubkey: str, body: bytes, signature: str) -> bool:
@@ -307,6 +311,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         script = self.mender.script
+        if script.hold_status is not None and not script.hold_status.wait(60):
+            self._error(503, "held too long")
+            return
         if script.fail_status:
             self._error(script.fail_status.popleft(), "injected failure")
             return

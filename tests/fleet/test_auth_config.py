@@ -14,7 +14,7 @@ import pytest
 from otad.errors import ConfigError
 from otad.fleet.auth import AUTH_PATH, authenticate, load_device_key, read_identity
 from otad.fleet.client import Client, Unauthorized
-from otad.fleet.config import KeyType, ServerConfig, parse_server_config
+from otad.fleet.config import KEY_FILE, KeyType, ServerConfig, parse_server_config
 from tests.fleet.server import FakeMender
 
 
@@ -53,9 +53,9 @@ def test_server_table_parses_with_defaults() -> None:
             {
                 "url": "https://m.example.com",
                 "identity_interface": "eth0",
-                "server_certificate": "ca.pem",
+                "ca_bundle": "ca.pem",
             },
-            "server.server_certificate",
+            "server.ca_bundle",
         ),  # fmt: skip
         (
             {"url": "https://m.example.com", "identity_interface": "eth0", "proxy": "x"},
@@ -82,9 +82,9 @@ def test_identity_reads_the_interface_mac(tmp_path: Path) -> None:
 def test_device_key_is_private_kept_and_signs_what_the_server_verifies(
     tmp_path: Path, server: FakeMender, key_type: KeyType
 ) -> None:
-    key = load_device_key(tmp_path / "fleet", key_type)
+    key = load_device_key(tmp_path / "fleet" / KEY_FILE, key_type)
     assert stat.S_IMODE(os.stat(key.path).st_mode) == 0o600
-    again = load_device_key(tmp_path / "fleet", KeyType.RSA)  # the kept key wins
+    again = load_device_key(tmp_path / "fleet" / KEY_FILE, KeyType.RSA)  # the kept key wins
     assert again.public_pem() == key.public_pem()
 
     with contextlib.closing(Client(server.url)) as client:
@@ -101,7 +101,7 @@ def test_device_key_is_private_kept_and_signs_what_the_server_verifies(
 
 def test_not_accepted_device_gets_unauthorized(tmp_path: Path, server: FakeMender) -> None:
     server.script.refuse_auth = 1
-    key = load_device_key(tmp_path, KeyType.ECDSA)
+    key = load_device_key(tmp_path / KEY_FILE, KeyType.ECDSA)
     with contextlib.closing(Client(server.url)) as client, pytest.raises(Unauthorized) as caught:
         authenticate(client, {"id": "1"}, key, "")
 

@@ -62,6 +62,12 @@ def test_install_by_path_reports_progress_and_completes(
             "CurrentArtifact": "release-1",
             "Compatible": "otad-test",
             "LastError": "",
+            "Server": "",
+            "ServerStatus": "disabled",
+            "ServerError": "",
+            "LastPoll": 0,
+            "Deployment": ["", ""],
+            "DeploymentStatus": "",
         }
         events = await client.subscribe()
         job = await client.install(str(artifacts["release-2"]), {})

@@ -43,7 +43,7 @@ def test_shipped_xml_matches_the_exported_interface(daemon: Daemon) -> None:
     assert exported.returncode == 0, exported.stderr
     shipped = (ROOT / "systemd/dbus/org.otad.Updater1.xml").read_text()
     assert members(shipped) == members(exported.stdout)
-    assert len(members(shipped)) == 19
+    assert len(members(shipped)) == 25
 
 
 def test_bus_policy_is_well_formed() -> None:

@@ -31,6 +31,7 @@ def test_status(daemon: Daemon) -> None:
         "Next boot: slot a\n"
         "Device type: otad-test\n"
         "Last error: none\n"
+        "Server: none\n"
     )
     code, out, _ = otactl(daemon, "status", "--json")
     assert json.loads(out) == {
@@ -42,6 +43,14 @@ def test_status(daemon: Daemon) -> None:
         "current_artifact": "release-1",
         "compatible": "otad-test",
         "last_error": "",
+        "server": {
+            "url": "",
+            "status": "disabled",
+            "error": "",
+            "last_poll": 0,
+            "deployment": {"id": "", "artifact": ""},
+            "deployment_status": "",
+        },
     }
 
 

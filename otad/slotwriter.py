@@ -6,6 +6,9 @@ direct I/O where the device allows it: the image does not pass through (and evic
 page cache, which on a small device is most of its memory. The medium is flushed with
 fsync every `fsync_interval` bytes and at the end; `synced` tells how much of the slot,
 from its start, an fsync has made durable (the watermark a resumable download records).
+The periodic fsyncs run on a flusher thread of their own while writing goes on: each
+covers every write that had completed when it was asked for, and the writer never waits
+for one (on many media a flush takes as long as writing the interval did).
 
 Blocks that already hold the right bytes are not rewritten: a reinstall of the same
 release, or of one that shares most blocks, wears the flash less and finishes sooner.
@@ -88,6 +91,11 @@ class SlotWriter:
         self._buffer_size = 0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # The flusher's work: fsync once the writer asked for a watermark beyond `synced`.
+        self._flush_wanted = 0
+        self._flush_condition = threading.Condition()
+        self._flusher: threading.Thread | None = None
+        self._closing = False
 
     def __enter__(self) -> SlotWriter:
         self._descriptor = self._open(os.O_DIRECT)
@@ -96,6 +104,10 @@ class SlotWriter:
             self._descriptor = self._open(0)
         self._thread = threading.Thread(target=self._run, name="otad-slot-writer", daemon=True)
         self._thread.start()
+        self._flusher = threading.Thread(
+            target=self._flush_loop, name="otad-slot-flusher", daemon=True
+        )
+        self._flusher.start()
         return self
 
     def _open(self, extra: int) -> int:
@@ -151,6 +163,8 @@ class SlotWriter:
             raise self._error
         os.fsync(self._descriptor)
         self.synced = self._offset
+        if self._error is not None:
+            raise self._error  # a periodic fsync that failed is not undone by this one
         log.info(
             "wrote %d bytes to %s (%s I/O), %d bytes already right and skipped",
             self.written,
@@ -164,6 +178,34 @@ class SlotWriter:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._flusher is not None:
+            with self._flush_condition:
+                self._closing = True
+                self._flush_condition.notify()
+            self._flusher.join()
+            self._flusher = None
+
+    def _request_flush(self, watermark: int) -> None:
+        """Ask the flusher to make the slot durable up to `watermark`; do not wait."""
+        with self._flush_condition:
+            self._flush_wanted = watermark
+            self._flush_condition.notify()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._flush_condition:
+                while self._flush_wanted <= self.synced and not self._closing:
+                    self._flush_condition.wait()
+                if self._closing:
+                    return
+                watermark = self._flush_wanted
+            try:
+                os.fsync(self._descriptor)
+            except OSError as error:
+                if self._error is None:
+                    self._error = DeviceError(f"flushing {self.device} failed: {error.strerror}")
+                return
+            self.synced = watermark
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -196,9 +238,8 @@ class SlotWriter:
         self.written += length
         self._since_fsync += length
         if self._since_fsync >= self._fsync_interval:
-            os.fsync(self._descriptor)
             self._since_fsync = 0
-            self.synced = offset + length
+            self._request_flush(offset + length)
 
     def _aligned_part(self, offset: int, length: int) -> int:
         """How many of `length` bytes at `offset` can go through the direct descriptor."""

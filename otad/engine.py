@@ -296,16 +296,19 @@ class Engine:
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         interrupt: threading.Event | None = None,
+        deployment: str | None = None,
     ) -> InstallResult:
         """Verify and write an artifact into the inactive slot and request a trial boot.
 
         `cancel` stops the install for good; `interrupt` stops it because otad stops,
         keeping what resumes a download (otad.resume) when otad starts again.
+        `deployment` names the Mender deployment a download is for, in its resume record.
         """
         if not self._lock.acquire(blocking=False):
             raise StateConflict("another operation is in progress")
         try:
-            return self._install(source, allow_downgrade, _Stops(cancel, interrupt), progress)
+            stops = _Stops(cancel, interrupt)
+            return self._install(source, allow_downgrade, stops, progress, deployment)
         finally:
             self._lock.release()
 
@@ -315,6 +318,7 @@ class Engine:
         allow_downgrade: bool | None,
         stops: _Stops,
         progress: ProgressCallback | None,
+        deployment: str | None = None,
     ) -> InstallResult:
         snapshot = self.snapshot()
         state, booted = snapshot.state, snapshot.booted
@@ -329,7 +333,9 @@ class Engine:
         http = as_download(source)
         if http is None:
             return self._install_from(source, None, snapshot, allow_downgrade, stops, progress)
-        resume = DownloadResume(self.resumes, http, target, device.path, allow_downgrade)
+        resume = DownloadResume(
+            self.resumes, http, target, device.path, allow_downgrade, deployment
+        )
         error: BaseException | None = None
         try:
             return self._install_from(
@@ -454,12 +460,14 @@ class Engine:
         """Write and verify the image; return the bytes written and the bytes skipped.
 
         A download's resume record is told where the image starts and, at each fsync
-        watermark, how much of it is verified and on the medium.
+        watermark (from the slot writer's flusher thread), how much of it is verified and
+        on the medium.
         """
         settings = self.config.install
         checksum = ""
         size = 0
-        with SlotWriter(device.path, settings.fsync_interval) as writer:
+        on_synced = resume.progress if resume is not None else None
+        with SlotWriter(device.path, settings.fsync_interval, on_synced=on_synced) as writer:
             for payload_file in reader.payload_files():
                 if payload_file.size > device.size:
                     raise NoSpace(
@@ -472,8 +480,6 @@ class Engine:
                 for block in payload_file.blocks():
                     stops.check()
                     writer.write(block)
-                    if resume is not None:
-                        resume.progress(writer.synced)
                     done += len(block)
                     if progress is not None:
                         progress(done, payload_file.size)

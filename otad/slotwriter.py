@@ -7,8 +7,10 @@ page cache, which on a small device is most of its memory. The medium is flushed
 fsync every `fsync_interval` bytes and at the end; `synced` tells how much of the slot,
 from its start, an fsync has made durable (the watermark a resumable download records).
 The periodic fsyncs run on a flusher thread of their own while writing goes on: each
-covers every write that had completed when it was asked for, and the writer never waits
-for one (on many media a flush takes as long as writing the interval did).
+covers every write that had completed when it was asked for. The writer waits for a
+flush only when it reaches the next watermark before the previous flush returned, so
+flushing one interval overlaps writing the next, and `synced` never lags by more than
+two intervals.
 
 Blocks that already hold the right bytes are not rewritten: a reinstall of the same
 release, or of one that shares most blocks, wears the flash less and finishes sooner.
@@ -28,6 +30,7 @@ import mmap
 import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -71,10 +74,16 @@ class SlotWriter:
     """Context manager: `write(block)` appends, `finish()` flushes and reports."""
 
     def __init__(
-        self, device: Path, fsync_interval: int = 64 << 20, skip_identical: bool = True
+        self,
+        device: Path,
+        fsync_interval: int = 64 << 20,
+        skip_identical: bool = True,
+        on_synced: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_synced(watermark)` runs on the flusher thread after each periodic fsync."""
         self.device = device
         self._fsync_interval = fsync_interval
+        self._on_synced = on_synced
         self._comparer = _Comparer(skip_identical)
         self._descriptor = -1
         self._direct = False
@@ -186,10 +195,15 @@ class SlotWriter:
             self._flusher = None
 
     def _request_flush(self, watermark: int) -> None:
-        """Ask the flusher to make the slot durable up to `watermark`; do not wait."""
+        """Ask the flusher to make the slot durable up to `watermark`.
+
+        Returns at once unless the previous flush (and its `on_synced`) is still running.
+        """
         with self._flush_condition:
+            while self._flush_wanted > self.synced and self._error is None:
+                self._flush_condition.wait()
             self._flush_wanted = watermark
-            self._flush_condition.notify()
+            self._flush_condition.notify_all()
 
     def _flush_loop(self) -> None:
         while True:
@@ -200,12 +214,24 @@ class SlotWriter:
                     return
                 watermark = self._flush_wanted
             try:
-                os.fsync(self._descriptor)
-            except OSError as error:
-                if self._error is None:
-                    self._error = DeviceError(f"flushing {self.device} failed: {error.strerror}")
+                self._flush(watermark)
+            except BaseException as error:  # raised again by the next write or finish()
+                with self._flush_condition:
+                    if self._error is None:
+                        self._error = error
+                    self._flush_condition.notify_all()
                 return
+
+    def _flush(self, watermark: int) -> None:
+        try:
+            os.fsync(self._descriptor)
+        except OSError as error:
+            raise DeviceError(f"flushing {self.device} failed: {error.strerror}") from None
+        if self._on_synced is not None:
+            self._on_synced(watermark)
+        with self._flush_condition:
             self.synced = watermark
+            self._flush_condition.notify_all()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:

@@ -30,7 +30,7 @@ from otad.cli.common import EXIT_OK, run_command, setup_logging
 from otad.config import DEFAULT_PATH, Config, load_config
 from otad.dbus import BUS_NAME, OBJECT_PATH
 from otad.dbus.authorize import DEFAULT_GROUP, Authorizer
-from otad.dbus.bus import close, connect, wait_for_disconnect
+from otad.dbus.bus import close, connect, quiet_answered_errors, wait_for_disconnect
 from otad.dbus.interface import Updater1Interface
 from otad.dbus.service import Updater1Service, note_caller
 from otad.devices import SystemPaths
@@ -203,6 +203,7 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("started: %s", _status_line(status))
 
     media = _media(updater, args)
+    quiet_answered_errors(asyncio.get_running_loop())
     bus = await connect(args.bus_address)
     watchdog: asyncio.Task[None] | None = None
     fleet: FleetService | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ from dbus_next.constants import BusType, MessageType
 from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.signature import Variant
+
+log = logging.getLogger(__name__)
 
 BUS_DAEMON = "org.freedesktop.DBus"
 BUS_DAEMON_PATH = "/org/freedesktop/DBus"
@@ -49,6 +52,30 @@ async def wait_for_disconnect(bus: MessageBus) -> None:
     Shielded: cancelling the wait must not cancel dbus-next's own disconnect future.
     """
     await asyncio.shield(bus.wait_for_disconnect())
+
+
+def quiet_answered_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep method errors that were already answered out of the daemon's log.
+
+    When an async method raises DBusError, dbus-next 0.2.3 sends the error reply and then
+    lets the exception escape its done-callback (SendReply.__exit__ drops what _exit
+    returned), so asyncio logs "Exception in callback" with a traceback for every refused
+    call, although the caller got its named error. otad raises DBusError only from
+    methods, so one reaching the loop is such an answered error: logged at debug.
+    Anything else goes to the handler that was there before.
+    """
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, DBusError):
+            log.debug("answered with %s: %s", error.type, error.text)
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def make_error(name: str, text: str) -> DBusError:

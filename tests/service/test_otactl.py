@@ -88,6 +88,9 @@ def test_install_slots_reboot_and_commit(daemon: Daemon, artifacts: dict[str, Pa
     code, out, err = otactl(daemon, "commit")
     assert code == 5
     assert err == "otactl: error: nothing to commit: the update state is idle\n"
+    # The refusal was answered; dbus-next must not also log it as an escaped exception.
+    assert "Exception in callback" not in daemon.log_text()
+    assert "Traceback" not in daemon.log_text()
 
 
 def test_install_from_stdin(daemon: Daemon, artifacts: dict[str, Path]) -> None:

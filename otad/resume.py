@@ -19,6 +19,11 @@ what is being downloaded and how far the slot got:
     failed                    the install ended with the network giving up, and its
                               client was told: the daemon does not resume it by
                               itself, an install of the same URL does
+    deployment                the Mender deployment the install is for (otad.fleet),
+                              null for one a client asked for: the daemon does not
+                              resume a deployment's install by itself, the fleet
+                              client installs the deployment again when the server
+                              hands it out again, with a fresh pre-signed URL
     digest                    SHA-256 of all the above: a damaged record is not used
 
 The next install of the same URL into the same slot (asked for by a client, or started
@@ -91,6 +96,7 @@ class ResumeRecord:
     verified: int = 0
     attempts: int = 0
     failed: bool = False
+    deployment: str | None = None
 
 
 def _body(record: ResumeRecord) -> dict[str, Any]:
@@ -127,6 +133,9 @@ def _check_types(value: dict[str, Any]) -> None:
         raise TypeError("allow_downgrade")
     if not isinstance(value["failed"], bool):
         raise TypeError("failed")
+    # Absent from the records of otad before the fleet client: an install a client asked for.
+    if value.get("deployment") is not None and not isinstance(value["deployment"], str):
+        raise TypeError("deployment")
 
 
 def parse(data: bytes, source: str) -> ResumeRecord:
@@ -225,9 +234,11 @@ class DownloadResume:
         slot: Slot,
         device: Path,
         allow_downgrade: bool | None,
+        deployment: str | None = None,
     ) -> None:
         from otad.download import SplicedSource
 
+        self._deployment = deployment
         self._store = store
         self.http = http
         self._slot = slot
@@ -263,6 +274,7 @@ class DownloadResume:
             etag=identity.etag,
             last_modified=identity.last_modified,
             allow_downgrade=self._allow_downgrade,
+            deployment=self._deployment,
         )
         previous = self._previous
         if previous is not None and self._is_same_place(previous):

@@ -18,7 +18,9 @@ failed on the network, and said so, resumes only when its URL is installed again
 gives up after download.resume_attempts such starts in a row that got no further (0:
 never by itself), which also breaks a loop of a resume that crashes the daemon. Stopping
 the daemon interrupts an install rather than cancelling it, so it resumes at the next
-start.
+start. An install for a Mender deployment (its record names the deployment) is not
+resumed here: the fleet client installs the deployment again when the server hands it
+out again (otad.fleet.poller), and that install resumes, so that the two never race.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class SlotInfo:
 class InstallOptions:
     reboot: bool = False
     allow_downgrade: bool | None = None  # None: otad.conf's install.allow_downgrade
+    deployment: str | None = None  # the Mender deployment the install is for (otad.fleet)
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,14 @@ class Updater:
         from otad.download import DownloadSettings, shown_url  # brings in requests
 
         url = shown_url(record.url)
+        if record.deployment is not None:
+            log.info(
+                "an install of %s for deployment %s was interrupted; it resumes when the "
+                "Mender server hands the deployment out again",
+                url,
+                record.deployment,
+            )
+            return False
         allowed = (self.engine.config.download or DownloadSettings()).resume_attempts
         if not allowed:
             log.info("an install of %s was interrupted; it resumes when installed again", url)
@@ -501,6 +512,7 @@ class Updater:
                     progress=progress,
                     cancel=cancel,
                     interrupt=self._stopping,
+                    deployment=options.deployment,
                 )
         except Exception as error:
             self._note_failure("install", error)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from otad.engine import Engine
-from otad.state import Outcome, Phase
+from otad.state import Outcome, Phase, SlotStatus
 
 UNKNOWN_ARTIFACT = "unknown"  # the server requires a name; otad's converter always sets one
 
@@ -22,6 +22,9 @@ class DeviceView:
     phase: Phase
     provides: Mapping[str, str] = field(default_factory=dict)
     last: Outcome | None = None
+    # The artifact of the inactive slot when it is marked bad: it was installed, and its
+    # trial failed or was rolled back (an install cut short leaves the slot empty).
+    bad_artifact: str | None = None
 
     def device_provides(self) -> dict[str, str]:
         """The provides a deployments/next request sends: the release's, the type and name."""
@@ -36,10 +39,13 @@ def engine_view(engine: Engine) -> DeviceView:
     """Read the engine's record and the booted slot's release."""
     snapshot = engine.snapshot()
     release = snapshot.state.slots[snapshot.booted].release
+    inactive = snapshot.state.slots[snapshot.booted.other]
+    bad = inactive.release if inactive.status is SlotStatus.BAD else None
     return DeviceView(
         device_type=engine.config.device_type,
         artifact_name=release.artifact if release else UNKNOWN_ARTIFACT,
         phase=snapshot.state.phase,
         provides=dict(release.provides) if release else {},
         last=snapshot.state.last,
+        bad_artifact=bad.artifact if bad else None,
     )

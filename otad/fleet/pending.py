@@ -5,6 +5,13 @@ release, and success or failure is known only after the trial. So before each st
 that changes the device the poller saves what it is doing, atomically, and after a
 restart it reads the engine's last outcome to finish the deployment's story on the
 server.
+
+An install that a restart of otad cut short (stage `installing` with no outcome for it)
+is not a failure: the server hands the deployment out again until the device reports a
+final status, so the record goes to stage `interrupted` and the next poll installs the
+deployment again, resuming the download where otad.resume allows it. `interruptions`
+counts these, and `reported` keeps the statuses the server already has, so that none is
+sent twice.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class Stage(enum.Enum):
     """How far the device got; the value is the on-disk spelling."""
 
     INSTALLING = "installing"  # downloading and writing (one pass: the artifact streams)
+    INTERRUPTED = "interrupted"  # a restart cut the install short: install it again
     REBOOTING = "rebooting"  # installed, reboot requested, waiting for the trial's end
     REPORTING = "reporting"  # the final status is known and must reach the server
 
@@ -41,9 +49,14 @@ class Pending:
     started: float  # seconds since the epoch, comparable with the engine's Outcome.time
     final: DeploymentStatus | None = None
     log: tuple[LogMessage, ...] = field(default_factory=tuple)
+    interruptions: int = 0  # installs of this deployment that a restart cut short
+    reported: tuple[DeploymentStatus, ...] = ()  # the step statuses the server has
 
     def noted(self, message: LogMessage) -> Pending:
         return replace(self, log=(*self.log, message)[-MAX_LOG_MESSAGES:])
+
+    def has_reported(self, status: DeploymentStatus) -> bool:
+        return status in self.reported
 
 
 def serialize(pending: Pending) -> bytes:
@@ -55,6 +68,8 @@ def serialize(pending: Pending) -> bytes:
         "started": pending.started,
         "final": pending.final.value if pending.final else None,
         "log": [[m.time, m.level, m.message] for m in pending.log],
+        "interruptions": pending.interruptions,
+        "reported": [status.value for status in pending.reported],
     }
     return json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"
 
@@ -70,6 +85,8 @@ def parse(data: bytes) -> Pending:
         started=float(value["started"]),
         final=DeploymentStatus(value["final"]) if value.get("final") else None,
         log=tuple(LogMessage(float(t), str(lv), str(m)) for t, lv, m in value.get("log", [])),
+        interruptions=int(value.get("interruptions", 0)),
+        reported=tuple(DeploymentStatus(status) for status in value.get("reported", [])),
     )
 
 

@@ -43,6 +43,34 @@ A deployment is taken only when the daemon's `begin` hook agrees (no other insta
 operation runs); otherwise it is left on the server, which hands it out again at the
 next poll. A hook raises `Stopped` when the daemon shuts down: the loop then ends at
 once, and the deployment's record tells the next start where it was.
+
+A server hands a deployment out at every poll until the device reports a final status,
+so a restart of otad (a crash, a stop, a power cut) is never reported as a failure. What
+the next start does, from the deployment's record and the engine's:
+
+    record        engine                  then
+    installing    idle, no outcome of it  the install was cut short: the record goes to
+                                          `interrupted`, the next poll gets the same
+                                          deployment (a fresh URL) and installs it again;
+                                          the download resumes from the slot where
+                                          otad.resume allows it, else starts over
+    interrupted   idle                    as above, at the next poll; a poll with no
+                                          deployment or another one: the server ended it,
+                                          the record is forgotten
+    installing    installed               report rebooting, reboot
+    rebooting     installed (same boot)   the reboot did not happen: reboot again
+    installing    trial                   the device rebooted first: report rebooting
+    rebooting     trial                   wait for the commit (or the fallback)
+    any           idle, committed it      success
+    rebooting     idle, other outcome     failure (fallback, rollback)
+    installing    idle, the slot marked   failure: the install ended, a power cut booted
+                  bad since it began      the trial, and it fell back
+
+Statuses the server already has (the record's `reported`) are not sent again, so the
+server sees downloading, installing, rebooting and one final status, whatever restarts
+came between. The daemon does not resume a deployment's download by itself at start
+(otad.updater): the poller installs it again, under the deployment. An install cut short
+more than `resume_attempts` times in a row (download.resume_attempts) is reported failed.
 """
 
 from __future__ import annotations
@@ -157,6 +185,7 @@ class Poller:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_status: Callable[[FleetStatus], None] | None = None,
+        resume_attempts: int = 3,
     ) -> None:
         self.config = config
         self.client = client
@@ -170,14 +199,18 @@ class Poller:
         self._pending = self.store.load()
         self._next_poll = self._next_inventory = clock()
         self._failures = 0
+        self._resume_attempts = resume_attempts
+        self._reboot_asked = False  # by this process: a reboot ends it
         self._wake = threading.Event()
         self._status = FleetStatus(
             config.url, ServerState.CONNECTING, False, False, 0.0, "", "", "", ""
         )
         if self._pending is not None:
+            reported = self._pending.reported
             self._publish(
                 deployment_id=self._pending.deployment_id,
                 deployment_artifact=self._pending.artifact_name,
+                deployment_status=reported[-1].value if reported else "",
             )
 
     # -- status -------------------------------------------------------------------
@@ -260,9 +293,10 @@ class Poller:
         if self.client.token is None:
             authenticate(self.client, self.identity, self.key, self.config.tenant_token)
             self._succeeded()
-        if self._pending is not None:
+        if self._is_waiting():
+            assert self._pending is not None
             self._advance(self._pending)
-            if self._pending is not None:
+            if self._is_waiting():
                 self._succeeded()
                 return self.config.retry_interval
         now = self._clock()
@@ -283,8 +317,13 @@ class Poller:
         extra.update(self.config.inventory)
         return collect_attributes(self.hooks.read_device(), self.identity, extra=extra)
 
+    def _is_waiting(self) -> bool:
+        """True when a deployment waits for the device (its trial, its commit, a report);
+        an interrupted one waits for the next poll instead."""
+        return self._pending is not None and self._pending.stage is not Stage.INTERRUPTED
+
     def _delay(self) -> float:
-        if self._pending is not None:  # an install that waits for its trial or commit
+        if self._is_waiting():  # an install that waits for its trial or commit
             return self.config.retry_interval
         return max(0.0, min(self._next_poll, self._next_inventory) - self._clock())
 
@@ -299,6 +338,7 @@ class Poller:
             return True
         deployment = self._call(self.api.next_deployment, view.device_provides())
         self._publish(last_poll=time.time())
+        interrupted = self._interrupted_for(deployment)
         if deployment is None:
             log.debug("no deployment for this device")
             return True
@@ -306,6 +346,8 @@ class Poller:
                  deployment.uri.split("?")[0])  # fmt: skip
         self._publish(deployment_id=deployment.id, deployment_artifact=deployment.artifact_name)
         if deployment.artifact_name == view.artifact_name:
+            if interrupted is not None:
+                self._save(None)
             self._report_once(deployment.id, DeploymentStatus.ALREADY_INSTALLED)
             return True
         if self.hooks.begin is not None:
@@ -313,14 +355,28 @@ class Poller:
                 self.hooks.begin(deployment)
             except StateConflict as error:
                 log.info("deployment %s waits for the next poll: %s", deployment.id, error)
-                self._publish(deployment_id="", deployment_artifact="")
+                if interrupted is None:
+                    self._publish(deployment_id="", deployment_artifact="")
                 return False
         try:
-            self._start(deployment)
+            self._start(deployment, interrupted)
         finally:
             if self.hooks.end is not None:
                 self.hooks.end()
         return True
+
+    def _interrupted_for(self, deployment: Deployment | None) -> Pending | None:
+        """The interrupted deployment's record if the server handed it out again; an
+        interrupted deployment the server no longer hands out is forgotten."""
+        pending = self._pending
+        if pending is None or pending.stage is not Stage.INTERRUPTED:
+            return None
+        if deployment is not None and deployment.id == pending.deployment_id:
+            return pending
+        log.warning("deployment %s is no longer for this device on the server; forgetting it",
+                    pending.deployment_id)  # fmt: skip
+        self._save(None)
+        return None
 
     def _report_once(self, deployment_id: str, status: DeploymentStatus) -> None:
         try:
@@ -337,40 +393,57 @@ class Poller:
         else:
             self.store.save(pending)
 
-    def _report(self, pending: Pending, status: DeploymentStatus) -> bool:
-        """Report a step; False (and the deployment forgotten) when the server ended it.
+    def _report(self, pending: Pending, status: DeploymentStatus) -> Pending | None:
+        """Report a step once; None (and the deployment forgotten) when the server ended it,
+        else the record, which notes the step when the server got it.
 
         A step the server does not get is not worth stopping for (the API makes these
         reports optional); only the final status must arrive.
         """
+        if pending.has_reported(status):
+            return pending
         try:
             self._call(self.api.report_status, pending.deployment_id, status)
         except DeploymentGone as error:
             log.warning("deployment %s ended on the server (%s); stopping it",
                         pending.deployment_id, error.detail)  # fmt: skip
             self._save(None)
-            return False
+            return None
         except ServerError as error:
             log.warning("could not report %s, going on: %s", status.value, error)
-            return True
+            return pending
         self._publish(deployment_status=status.value)
-        return True
+        reported = replace(pending, reported=(*pending.reported, status))
+        self._save(reported)
+        return reported
 
-    def _start(self, deployment: Deployment) -> None:
-        pending = Pending(deployment.id, deployment.artifact_name, Stage.INSTALLING, time.time())
-        pending = pending.noted(log_message("INFO", f"downloading {deployment.artifact_name}"))
+    def _start(self, deployment: Deployment, interrupted: Pending | None) -> None:
+        if interrupted is None:
+            pending = Pending(
+                deployment.id, deployment.artifact_name, Stage.INSTALLING, time.time()
+            )
+            note = f"downloading {deployment.artifact_name}"
+        else:
+            pending = replace(interrupted, stage=Stage.INSTALLING, started=time.time())
+            note = (
+                f"installing {deployment.artifact_name} again (attempt {pending.interruptions + 1})"
+            )
+        pending = pending.noted(log_message("INFO", note))
         self._save(pending)
-        if not self._report(pending, DeploymentStatus.DOWNLOADING):
+        reported = self._report(pending, DeploymentStatus.DOWNLOADING)
+        if reported is None:
             return
+        pending = reported
         try:
             source = self.hooks.open_artifact(deployment.uri)
         except (OtadError, OSError) as error:
             self._fail(pending, f"cannot download the artifact: {error}")
             return
         try:
-            if not self._report(pending, DeploymentStatus.INSTALLING):
+            reported = self._report(pending, DeploymentStatus.INSTALLING)
+            if reported is None:
                 return
-            pending = pending.noted(log_message("INFO", "installing"))
+            pending = reported.noted(log_message("INFO", "installing"))
             self._save(pending)
             self.hooks.install(source, deployment)
         except (OtadError, OSError) as error:
@@ -394,32 +467,78 @@ class Poller:
         if pending.stage is Stage.REPORTING:
             self._send_final(pending)
             return
+        if pending.stage is Stage.INTERRUPTED:
+            return  # installed again when the next poll hands it out
         view = self.hooks.read_device()
-        if view.phase is Phase.INSTALLED and pending.stage is Stage.INSTALLING:
-            self._reboot(pending)
-            return
         if view.phase is not Phase.IDLE:
-            log.debug("deployment %s waits: the update is %s", pending.deployment_id,
-                      view.phase.value)  # fmt: skip
+            self._advance_update(pending, view.phase)
             return
         if is_success_for(view.last, pending.artifact_name, pending.started):
             final = replace(pending, stage=Stage.REPORTING, final=DeploymentStatus.SUCCESS)
             self._save(final)
             self._send_final(final)
             return
-        # TODO: install the deployment again (resuming the download) instead of failing
-        # it, when the engine resumes interrupted https installs after a restart.
         message = (
             view.last.message
             if view.last and view.last.time >= pending.started
-            else ("the update ended without an outcome (otad was interrupted)")
+            else "the update ended without an outcome (otad was interrupted)"
         )
+        if pending.stage is Stage.INSTALLING and not self._was_tried(pending, view):
+            self._interrupt(pending, message)
+            return
         self._fail(pending, message)
 
+    @staticmethod
+    def _was_tried(pending: Pending, view: DeviceView) -> bool:
+        """True when this deployment's artifact was installed and its trial then failed,
+        though the record never got past installing (a power cut right after the install
+        booted the trial, which fell back)."""
+        return (
+            view.last is not None
+            and view.last.time >= pending.started
+            and view.bad_artifact == pending.artifact_name
+        )
+
+    def _advance_update(self, pending: Pending, phase: Phase) -> None:
+        """Move a deployment on whose update is installed or on trial."""
+        if phase is Phase.INSTALLED and pending.stage is Stage.INSTALLING:
+            self._reboot(pending)
+        elif phase is Phase.INSTALLED and not self._reboot_asked:
+            log.info("deployment %s: the reboot into %s did not happen; rebooting",
+                     pending.deployment_id, pending.artifact_name)  # fmt: skip
+            self._reboot(pending)
+        elif phase is Phase.TRIAL and pending.stage is Stage.INSTALLING:
+            # The device rebooted into the trial before this was noted (a power cut).
+            reported = self._report(pending, DeploymentStatus.REBOOTING)
+            if reported is not None:
+                self._save(replace(reported, stage=Stage.REBOOTING))
+        else:
+            log.debug("deployment %s waits: the update is %s", pending.deployment_id,
+                      phase.value)  # fmt: skip
+
+    def _interrupt(self, pending: Pending, message: str) -> None:
+        """An install cut short by a restart: install it again at the next poll."""
+        if pending.interruptions >= self._resume_attempts:
+            times = pending.interruptions + 1
+            allowed = self._resume_attempts
+            self._fail(pending, f"{message}; interrupted {times} times in a row, "
+                                f"download.resume_attempts allows {allowed}")  # fmt: skip
+            return
+        log.info("deployment %s: installing %s was interrupted; it is installed again "
+                 "when the server hands it out", pending.deployment_id,
+                 pending.artifact_name)  # fmt: skip
+        note = log_message("WARNING", f"interrupted: {message}")
+        self._save(replace(pending.noted(note), stage=Stage.INTERRUPTED,
+                           interruptions=pending.interruptions + 1))  # fmt: skip
+
     def _reboot(self, pending: Pending) -> None:
-        rebooting = replace(pending.noted(log_message("INFO", "rebooting")), stage=Stage.REBOOTING)
-        self._save(rebooting)
-        if not self._report(rebooting, DeploymentStatus.REBOOTING):
+        self._reboot_asked = True
+        rebooting = pending
+        if pending.stage is not Stage.REBOOTING:
+            rebooting = replace(pending.noted(log_message("INFO", "rebooting")),
+                                stage=Stage.REBOOTING)  # fmt: skip
+            self._save(rebooting)
+        if self._report(rebooting, DeploymentStatus.REBOOTING) is None:
             if self.hooks.rollback is not None:
                 log.info("cancelling the installed update of the aborted deployment")
                 self.hooks.rollback()

@@ -12,12 +12,18 @@ on the loop's thread only:
   operation like any other. An install that runs when a deployment arrives makes the
   deployment wait for the next poll.
 - the artifact streams from the server through HttpSource into `Updater.start_install`,
-  the path an https Install takes, so Progress, State and Completed are as for it.
+  the path an https Install takes, so Progress, State and Completed are as for it. The
+  install names its deployment (`InstallOptions.deployment`), which its resume record
+  keeps: the Updater does not resume such an install by itself when otad starts again;
+  the poller installs the deployment again when the server hands it out again, with a
+  fresh pre-signed URL, and the download resumes from the slot (otad.resume compares
+  URLs without their query).
 - a status change of the Updater (a commit, a rollback, an install's end) wakes the
   poller, which then reports the deployment's outcome at once.
 
-`stop` ends the poller at its next step; an install that runs is cancelled by the
-Updater's own stop, and the deployment record tells the next start what happened.
+`stop` ends the poller at its next step; an install that runs is interrupted by the
+Updater's own stop (not cancelled: its resume record stays), and the deployment record
+tells the next start what happened.
 """
 
 from __future__ import annotations
@@ -127,6 +133,7 @@ class FleetService:
             hooks,
             prepared.directory,
             on_status=self._status_from_thread,
+            resume_attempts=self._download.resume_attempts,
         )
 
     @property
@@ -206,7 +213,7 @@ class FleetService:
 
     def _install(self, source: Readable, deployment: Deployment) -> None:
         assert isinstance(source, HttpSource)
-        error = self._on_loop(self._run_install(source))
+        error = self._on_loop(self._run_install(source, deployment))
         if error is None:
             return
         if self._stop.is_set():
@@ -215,11 +222,12 @@ class FleetService:
             raise error
         raise FleetInstallFailed(error_message(error))
 
-    async def _run_install(self, source: HttpSource) -> Exception | None:
+    async def _run_install(self, source: HttpSource, deployment: Deployment) -> Exception | None:
         # No await between the release and the claim in start_install: nothing else can
         # take the Updater in between.
         self.updater.release()
-        _job, task = await self.updater.start_install(source, InstallOptions())
+        options = InstallOptions(deployment=deployment.id)
+        _job, task = await self.updater.start_install(source, options)
         return await task
 
     def _reboot_device(self) -> None:

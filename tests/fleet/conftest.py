@@ -114,10 +114,13 @@ def fake_device() -> FakeDevice:
 def make_poller(
     server: FakeMender, tmp_path: Path, clock: FakeClock, fake_device: FakeDevice
 ) -> Iterator[PollerFactory]:
-    """A poller for the fake server over `fake_device`; keywords change the ServerConfig."""
+    """A poller for the fake server over `fake_device`; keywords change the ServerConfig
+    (`resume_attempts` goes to the Poller, as the daemon passes download.resume_attempts)."""
     made: list[Poller] = []
 
-    def make(hooks: DeviceHooks | None = None, **settings: object) -> Poller:
+    def make(
+        hooks: DeviceHooks | None = None, *, resume_attempts: int = 3, **settings: object
+    ) -> Poller:
         config = ServerConfig(
             url=server.url,
             tenant_token="tenant-token-1",
@@ -139,7 +142,14 @@ def make_poller(
             rollback=fake_device.rollback,
         )
         poller = Poller(
-            config, Client(config.url), key, dict(config.identity), hooks, directory, clock=clock
+            config,
+            Client(config.url),
+            key,
+            dict(config.identity),
+            hooks,
+            directory,
+            clock=clock,
+            resume_attempts=resume_attempts,
         )
         made.append(poller)
         return poller

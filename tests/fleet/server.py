@@ -6,6 +6,11 @@ against the posted public key) and records each one. A request that breaks the A
 answered 400 and listed in `violations`, which the `server` fixture asserts empty.
 Tests script its answers: how often to refuse authentication, failures to inject,
 deployments to hand out, whether it has the v2 deployments API.
+
+As a real server does, it hands the first deployment of `offers` out at every poll until
+the device reports a final status for it (success, failure, already-installed) or a
+status report finds it aborted (409); each time with a fresh "pre-signed" query in its
+URI, as a server that hands out storage URLs does.
 """
 
 from __future__ import annotations
@@ -45,14 +50,18 @@ class Seen:
     at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
+FINAL = frozenset({"success", "failure", "already-installed"})
+
+
 @dataclass
 class Offer:
-    """A deployment the server hands out once."""
+    """A deployment the server hands out until the device reports a final status."""
 
     id: str
     artifact_name: str
     artifact: Path | None  # served at /artifacts/<id>; None: a URI that answers 404
     device_types: tuple[str, ...] = ("otad-test",)
+    url: str | None = None  # the artifact elsewhere (nginx) rather than at /artifacts/<id>
 
 
 @dataclass
@@ -103,6 +112,7 @@ class FakeMender:
         self.identities: list[dict[str, str]] = []
         self.tokens: set[str] = set()
         self.offered: dict[str, Offer] = {}
+        self.handed_out: list[tuple[str, str]] = []  # (deployment id, URI), in order
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"mender": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -118,6 +128,14 @@ class FakeMender:
         """Make every issued token expire, as a server does after a while."""
         with self.lock:
             self.tokens.clear()
+
+    def end(self, deployment_id: str) -> None:
+        """Stop handing `deployment_id` out (it got a final status, or was aborted)."""
+        with self.lock:
+            offers = self.script.offers
+            kept = [offer for offer in offers if offer.id != deployment_id]
+            offers.clear()
+            offers.extend(kept)
 
     def requests(self, method: str | None = None, path: str | None = None) -> list[Seen]:
         return [s for s in self.seen if (method is None or s.method == method)
@@ -276,17 +294,20 @@ class _Handler(BaseHTTPRequestHandler):
         if script.fail_next:
             self._error(script.fail_next.popleft(), "injected failure")
             return
-        if not script.offers or device_type not in script.offers[0].device_types:
+        with self.mender.lock:
+            offer = script.offers[0] if script.offers else None
+        if offer is None or device_type not in offer.device_types:
             self._answer(204)
             return
-        offer = script.offers.popleft()
         host = self.headers["Host"]
+        base = offer.url or f"http://{host}{ARTIFACTS}{offer.id}"
+        uri = f"{base}?X-Amz-Expires=86400&X-Amz-Signature={secrets.token_hex(16)}"
+        self.mender.handed_out.append((offer.id, uri))
         value = {
             "id": offer.id,
             "artifact": {
                 "artifact_name": offer.artifact_name,
-                "source": {"uri": f"http://{host}{ARTIFACTS}{offer.id}",
-                           "expire": "2030-01-01T00:00:00Z"},
+                "source": {"uri": uri, "expire": "2030-01-01T00:00:00Z"},
                 "device_types_compatible": list(offer.device_types),
             },
         }  # fmt: skip
@@ -318,9 +339,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(script.fail_status.popleft(), "injected failure")
             return
         if deployment_id in script.aborted:
+            self.mender.end(deployment_id)
             self._answer(409)
             return
         self.mender.statuses.append((deployment_id, read[1]["status"]))
+        if read[1]["status"] in FINAL:
+            self.mender.end(deployment_id)
         self._answer(204)
 
     def _log(self, deployment_id: str) -> None:

@@ -602,6 +602,7 @@ def otad_cases(otad_dir: Path, artifacts: Path) -> list[Case]:
 
 def otactl_cases(otad_dir: Path, artifacts: Path, bus: str) -> list[Case]:
     """`otactl install` through the daemon on the private bus, timed from its start."""
+
     def reset() -> None:
         run((PYTHON, str(Path(__file__).resolve()), "--child-reset", str(otad_dir)))
 

@@ -1,4 +1,12 @@
-"""The first artifact: slot A's filesystem as a signed rootfs-image, verified once written."""
+"""The first artifact: slot A's filesystem as a signed rootfs-image, verified once written.
+
+Its data is gzip by default, which every Mender tool reads (Debian's mender-artifact 3.9
+and mender-client 3.4 have no zstd, and a Mender server parses what it is given), at
+gzip's fastest level: the artifact holds what slot A of every flashed device already
+has, so it is seldom downloaded, and level 1 writes twice as fast as the default 6 for
+about 6% more bytes. zstd is several times faster still, to write and to read, for
+artifacts that only otad consumes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from convert import progress
+from otad.artifact.compression import Compression
 from otad.artifact.reader import ArtifactHeader, SignatureStatus, VerifyPolicy, verify_artifact
 from otad.artifact.signing import Signer, Verifier
 from otad.artifact.writer import ArtifactSpec, rootfs_image, write_artifact
@@ -13,6 +23,8 @@ from otad.errors import KeyProblem, SignatureError, UsageError
 from otad.state import Release
 
 log = logging.getLogger(__name__)
+
+GZIP_LEVEL = 1
 
 
 def artifact_path(output: Path) -> Path:
@@ -28,20 +40,29 @@ def emit(
     device_type: str,
     signer: Signer | None,
     verifiers: Sequence[Verifier],
+    compression: str = "gzip",
 ) -> ArtifactHeader:
     """Write the artifact of `rootfs` to `target` and read it back with the trusted keys."""
-    log.info("writing the artifact %s (%d MiB payload)", name, rootfs.stat().st_size >> 20)
+    size = rootfs.stat().st_size
+    log.info("writing the artifact %s (%d MiB payload, %s)", name, size >> 20, compression)
     spec = ArtifactSpec(
         name=name,
         device_types=(device_type,),
         payload=rootfs_image(rootfs, software_version=name),
         signer=signer,
+        compression=Compression.from_name(compression),
+        level=GZIP_LEVEL if compression == "gzip" else None,
     )
-    write_artifact(spec, target)
+    # The writer reads the payload twice: to hash it, then to compress it.
+    with progress.watch_reads("hashing and compressing slot A", rootfs, size, passes=2):
+        write_artifact(spec, target)
     log.info("verifying the artifact")
     policy = VerifyPolicy(keys=tuple(verifiers)) if signer is not None else VerifyPolicy()
     try:
-        with target.open("rb") as stream:
+        with (
+            progress.watch_reads("verifying the artifact", target, target.stat().st_size),
+            target.open("rb") as stream,
+        ):
             header, _ = verify_artifact(stream, policy)
     except SignatureError as error:
         raise UsageError(

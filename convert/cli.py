@@ -2,11 +2,14 @@
 
     otad-convert INPUT -o OUTPUT [--storage-size N] [--data-size N] [--device-type T]
                  [--artifact-name N] [--key K] [--verify-key P ...] [--deb FILE ...]
-                 [--overlay DIR] [--bootloader auto|grub] [--config FILE]
+                 [--overlay DIR] [--bootloader auto|grub|rpi-tryboot] [--config FILE]
+                 [--artifact-compression gzip|zstd|none] [-q | -v]
 
 Sizes take a K, M, G or T suffix (powers of 1024). --config names a TOML file whose
 keys are the long options (storage_size, data_size, device_type, artifact_name, key,
-verify_key, deb, overlay, bootloader); options on the command line override it.
+verify_key, deb, overlay, bootloader, artifact_compression); options on the command line
+override it. Long steps show progress on stderr (a bar on a terminal, a line every few
+seconds otherwise); --quiet shows only warnings and errors, and the report.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from convert import progress
 from convert.errors import ImageError
 from convert.pipeline import Options, convert
 from convert.report import render
@@ -31,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "data_size": "128M",
     "device_type": "x86_64",
     "bootloader": "auto",
+    "artifact_compression": "gzip",
     "verify_key": [],
     "deb": [],
 }
@@ -39,6 +44,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _CONFIG_KEYS = {
     "storage_size": str, "data_size": str, "device_type": str, "artifact_name": str,
     "key": str, "verify_key": list, "deb": list, "overlay": str, "bootloader": str,
+    "artifact_compression": str,
 }  # fmt: skip
 
 
@@ -52,9 +58,9 @@ def parse_size(text: str, option: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
-        description="Convert a stock Debian 12 amd64 GPT image (laid out like Debian's cloud "
-        "images) into an A/B image with otad, and emit its first signed artifact, "
-        "OUTPUT with .img replaced by .mender.",
+        description="Convert a stock Debian 12 amd64 image (GPT laid out like Debian's cloud "
+        "images, or a BIOS/MBR disk as the Debian installer makes it) into an A/B image "
+        "with otad, and emit its first signed artifact, OUTPUT with .img replaced by .mender.",
     )
     parser.add_argument("input", type=Path, metavar="INPUT", help="raw, .xz, .gz or .zst image")
     parser.add_argument("-o", "--output", type=Path, required=True, help="image to write")
@@ -68,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deb", type=Path, action="append", metavar="FILE",
                         help="a .deb to install into the image (repeatable)")  # fmt: skip
     parser.add_argument("--overlay", type=Path, metavar="DIR", help="tree to copy over the root")
-    parser.add_argument("--bootloader", choices=("auto", "grub"), help="default auto")
+    parser.add_argument("--bootloader", choices=("auto", "grub", "rpi-tryboot"),
+                        help="default auto: grub, or rpi-tryboot for Pi images")  # fmt: skip
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file of these options")
+    parser.add_argument("--artifact-compression", choices=("gzip", "zstd", "none"),
+                        help="default gzip, which every Mender tool reads; zstd is "
+                        "faster, but Debian's mender-artifact cannot read it")  # fmt: skip
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress, no phase lines")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
     parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
     return parser
@@ -112,6 +123,7 @@ def options_from(args: argparse.Namespace) -> Options:
         debs=tuple(Path(p) for p in settings["deb"]),
         overlay=Path(overlay) if overlay else None,
         bootloader=str(settings["bootloader"]),
+        artifact_compression=str(settings["artifact_compression"]),
     )
 
 
@@ -124,7 +136,8 @@ def _default_name(source: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(1 + args.verbose)  # phase lines are the progress display
+    setup_logging(0 if args.quiet else 1 + args.verbose)  # phase lines, and progress:
+    progress.configure(sys.stderr, quiet=args.quiet)
 
     def command() -> int:
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from otad.errors import OtadError
+from otad.errors import EnvironmentProblem, OtadError
 
 
 class ImageError(OtadError):
@@ -23,3 +23,7 @@ class TooSmall(ImageError):
 
 class PackageFailed(ImageError):
     """A .deb given with --deb did not install into the image."""
+
+
+class EmulationMissing(EnvironmentProblem):
+    """The image is for another architecture and this machine cannot run its programs."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from otad.process import run
 
 TOOLS = ("mcopy", "mmd", "mdir", "mtype")
+FORMAT_TOOL = "mkfs.vfat"  # only needed when an ESP is made (MBR inputs)
 # No geometry check (a partition has none to offer), and no personal ~/.mtoolsrc.
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null"}
 
@@ -38,3 +39,11 @@ class FatVolume:
     def put(self, source: Path, path: str) -> None:
         """Copy the file or tree `source` to `path`, replacing what is there."""
         run(["mcopy", "-o", "-s", "-i", self.spec, source, f"::/{path}"], env=MTOOLS_ENV)
+
+
+def format_volume(image: Path, offset: int, size: int, label: str) -> FatVolume:
+    """A new, empty FAT32 filesystem of `size` bytes at byte `offset` of `image`."""
+    # One sector per cluster keeps FAT32's cluster count above its minimum on a small ESP.
+    run([FORMAT_TOOL, "-F", "32", "-s", "1", "-n", label, "--offset", str(offset // 512),
+         image, str(size // 1024)])  # fmt: skip
+    return FatVolume(image, offset)

@@ -7,6 +7,15 @@ per slot. BIOS: a new core image, built in a chroot of the root filesystem from 
 grub-pc-bin modules, is written into the BIOS boot partition by grub-bios-setup; its
 embedded config finds the ESP by filesystem UUID and loads the same EFI/debian/grub.cfg.
 The slot table lives on the ESP in EFI/otad, the directory otad's GRUB backend writes.
+
+An MBR input has no ESP: the converter makes one, and fills it with GRUB EFI binaries
+built in the same chroot from the image's own grub-efi-amd64-bin when it has them
+(unsigned: such an image boots under EFI with Secure Boot off), else it boots by BIOS only.
+
+The slot entries name their partitions on the disk that holds the ESP, which is GRUB's
+root when the config runs, rather than a fixed hd0: GRUB 2.06 cannot search by PARTUUID,
+and a filesystem UUID does not tell the slots apart once an artifact has been installed
+(the artifact carries one filesystem, with one UUID, for either slot).
 """
 
 from __future__ import annotations
@@ -29,6 +38,14 @@ log = logging.getLogger(__name__)
 
 EFI_CONFIG = "EFI/debian/grub.cfg"
 EFI_BINARIES = ("EFI/BOOT/BOOTX64.EFI", "EFI/debian/grubx64.efi", "EFI/debian/shimx64.efi")
+EFI_MODULES_DIR = "usr/lib/grub/x86_64-efi"
+# Built into a new EFI GRUB (MBR inputs): what otad's script and a Linux boot need.
+EFI_MODULES = (
+    "part_gpt part_msdos fat ext2 search search_fs_uuid normal configfile linux loadenv "
+    "regexp test echo gzio all_video boot minicmd reboot halt"
+).split()
+EFI_PREFIX = "/EFI/debian"  # where Debian's EFI GRUB reads its config, on the ESP
+DISK_VARIABLE = "otad_disk"  # set by the config to the disk of the ESP
 BIOS_PREFIX = "/EFI/debian"  # the BIOS core's prefix on the ESP: same config as EFI
 BIOS_MODULES_DIR = "usr/lib/grub/i386-pc"
 # Embedded in the BIOS core, so that otad's script needs nothing loaded from disk.
@@ -62,9 +79,7 @@ def render_config(plan: Plan, kernel: Kernel) -> str:
     entries = {
         slot: GrubSlotEntry(
             partuuid=str(partition.uuid),
-            # TODO: name the slot's disk as the one holding the ESP instead of hd0, when
-            # GrubSlotEntry accepts a GRUB variable as device (a device with two disks).
-            device=f"(hd0,gpt{partition.number})",
+            device=f"(${{{DISK_VARIABLE}}},gpt{partition.number})",
             kernel=kernel.kernel,
             initrd=kernel.initrd,
         )
@@ -72,7 +87,10 @@ def render_config(plan: Plan, kernel: Kernel) -> str:
     }
     header = (
         "# Written by otad-convert: boots the slot otad's environment in EFI/otad chooses.\n"
-        "# Read by GRUB from the ESP on both EFI and BIOS; root is the ESP here.\n"
+        "# Read by GRUB from the ESP on both EFI and BIOS; root is the ESP here, and the\n"
+        "# slots are partitions of the disk that holds it (hd0 if root names no disk).\n"
+        f"set {DISK_VARIABLE}=hd0\n"
+        f"regexp --set=1:{DISK_VARIABLE} '^\\(?([^,()]+),' \"$root\"\n"
     )
     return header + render_grub_config(f"($root)/{ENV_DIR}", entries, kernel.arguments)
 
@@ -97,6 +115,38 @@ def install_efi(esp: FatVolume, plan: Plan, kernel: Kernel, work: Path) -> None:
 
 def has_bios_modules(root: Path) -> bool:
     return (root / BIOS_MODULES_DIR / "boot.img").is_file()
+
+
+def has_efi_modules(root: Path) -> bool:
+    return (root / EFI_MODULES_DIR / "linux.mod").is_file()
+
+
+def prepare_new_esp(esp: FatVolume) -> None:
+    """The directories GRUB's config and binaries go to on a freshly made ESP."""
+    for directory in ("EFI", "EFI/BOOT", "EFI/debian"):
+        esp.make_directory(directory)
+
+
+def install_efi_binaries(root: Path, esp: FatVolume) -> tuple[str, ...]:
+    """Build GRUB for x86_64 EFI in a chroot of `root` and put it where firmware finds it.
+
+    The image loads its config from /EFI/debian on the partition it was loaded from, the
+    ESP, like Debian's own GRUB; EFI/BOOT/BOOTX64.EFI is the removable-media path that
+    firmware without a boot entry tries.
+    """
+    # TODO: install shim and Debian's signed GRUB instead, for Secure Boot, when the image
+    # has shim-signed and grub-efi-amd64-signed.
+    with tempfile.TemporaryDirectory(dir=root / "tmp", prefix="otad-efi.") as scratch:
+        inside = Path("/") / Path(scratch).relative_to(root)
+        with chroot_mounts(root):
+            run(["chroot", root, "grub-mkimage", "-O", "x86_64-efi", "-d", f"/{EFI_MODULES_DIR}",
+                 "-p", EFI_PREFIX, "-o", inside / "grubx64.efi", *EFI_MODULES])  # fmt: skip
+        binary = Path(scratch) / "grubx64.efi"
+        targets = EFI_BINARIES[:2]
+        for target in targets:
+            esp.put(binary, target)
+    log.info("GRUB for EFI: %s, built from the image's grub-efi-amd64-bin", ", ".join(targets))
+    return targets
 
 
 def install_bios(root: Path, root_device: Path, disk: Path, esp: FatVolume, esp_uuid: str) -> None:

@@ -14,13 +14,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from convert import progress
 from convert.errors import ImageError
 from otad.errors import MissingTool
 
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
-PROGRESS_EVERY = 5.0  # seconds between progress lines
 _MAGIC = {
     b"\xfd7zXZ\x00": ("xz", "-dc"),
     b"\x1f\x8b": ("gzip", "-dc"),
@@ -48,14 +48,15 @@ def raw_image(source: Path, work: Path) -> Path:
         return source
     target = work / "input.img"
     log.info("decompressing %s with %s", source, command[0])
-    _decompress_sparse([*command, str(source)], target)
+    with progress.watch_reads(f"decompressing {source.name}", source, source.stat().st_size):
+        _decompress_sparse([*command, str(source)], target)
     return target
 
 
 def _decompress_sparse(argv: list[str], target: Path) -> None:
     # Streams gigabytes, so it cannot go through otad.process.run, which buffers output.
     log.debug("running %s", shlex.join(argv))
-    started = last = time.monotonic()
+    started = time.monotonic()
     environment = {**os.environ, "LC_ALL": "C"}
     try:
         process = subprocess.Popen(
@@ -79,9 +80,6 @@ def _decompress_sparse(argv: list[str], target: Path) -> None:
                     else:
                         out.write(block)
                     written += len(block)
-                    if time.monotonic() - last > PROGRESS_EVERY:
-                        last = time.monotonic()
-                        log.info("decompressed %d MiB", written >> 20)
                 out.truncate(written)
         except BaseException:
             process.kill()

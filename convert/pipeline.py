@@ -9,6 +9,8 @@ partial file; loop devices and mounts are released in reverse order, past errors
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,11 +21,24 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convert import filesystems, grub, image, layout, partition, rootfs
+from convert import (
+    fat,
+    filesystems,
+    grub,
+    image,
+    layout,
+    mbr,
+    partition,
+    progress,
+    rootfs,
+    sparse,
+    swap,
+)
 from convert.artifact import artifact_path, emit, release_of
+from convert.errors import NotSupportedYet
 from convert.fat import TOOLS as FAT_TOOLS
 from convert.fat import FatVolume
-from convert.layout import MIB, Plan
+from convert.layout import MIB, Plan, StockLayout
 from convert.mounts import loop_device, mounted
 from convert.report import Report
 from otad.artifact.signing import Signer, Verifier, load_signer, load_verifier, public_pem
@@ -34,12 +49,14 @@ from otad.state import StateStore, initial_state
 
 log = logging.getLogger(__name__)
 
-TOOLS = (
+TOOLS = tuple(dict.fromkeys((  # each once, in order
     "sfdisk", "losetup", "mount", "umount", "chroot", "cp", "rm", "tar", "du",
-    *filesystems.TOOLS, *FAT_TOOLS,
-)  # fmt: skip
+    *filesystems.TOOLS, *FAT_TOOLS, fat.FORMAT_TOOL, *swap.TOOLS,
+)))  # fmt: skip
 COMPRESSED_TOOLS = {"xz": "xz", "gzip": "gzip", "zstd": "zstd"}
 DATA_LABEL = "data"
+ESP_LABEL = "ESP"  # of an ESP made for an MBR input
+ARTIFACT_COMPRESSIONS = ("gzip", "zstd", "none")
 HEARTBEAT = 10.0  # seconds between progress lines of a long phase
 
 
@@ -56,6 +73,7 @@ class Options:
     debs: tuple[Path, ...] = ()
     overlay: Path | None = None
     bootloader: str = "auto"
+    artifact_compression: str = "gzip"
 
 
 @dataclass
@@ -65,16 +83,26 @@ class _Keys:
     files: list[tuple[str, bytes]] = field(default_factory=list)
 
 
+# (phase, seconds) of the conversion running in this context, for the report.
+_TIMINGS: contextvars.ContextVar[list[tuple[str, float]] | None] = contextvars.ContextVar(
+    "timings", default=None
+)
+
+
 @contextlib.contextmanager
 def _phase(title: str) -> Iterator[None]:
-    """Log a phase's start and end, and a line every HEARTBEAT seconds while it runs."""
+    """Log a phase's start and end, and a line every HEARTBEAT seconds while it runs (none
+    while a progress bar is drawn); record its time for the report."""
     log.info("== %s", title)
     started = time.monotonic()
     finished = threading.Event()
 
+    # TODO: show bytes done for e2fsck, resize2fs and package installation too (their -C,
+    # -p and Status-Fd output), when filesystems.py and rootfs.py pass those on.
     def beat() -> None:
         while not finished.wait(HEARTBEAT):
-            log.info("   %s: still working (%.0f s)", title, time.monotonic() - started)
+            if not progress.is_drawing():
+                log.info("   %s: still working (%.0f s)", title, time.monotonic() - started)
 
     heart = threading.Thread(target=beat, daemon=True)
     heart.start()
@@ -83,11 +111,25 @@ def _phase(title: str) -> Iterator[None]:
     finally:
         finished.set()
         heart.join()
-    log.info("   %s: done in %.1f s", title, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    log.info("   %s: done in %.1f s", title, seconds)
+    timings = _TIMINGS.get()
+    if timings is not None:
+        timings.append((title, seconds))
 
 
 def convert(options: Options) -> Report:
     """Convert `options.input` into `options.output` and its artifact; return the report."""
+    timings: list[tuple[str, float]] = []
+    token = _TIMINGS.set(timings)
+    try:
+        report = _convert(options)
+    finally:
+        _TIMINGS.reset(token)
+    return dataclasses.replace(report, timings=tuple(timings))
+
+
+def _convert(options: Options) -> Report:
     keys = _preflight(options)
     output = options.output.resolve()
     artifact = artifact_path(output)
@@ -99,12 +141,22 @@ def convert(options: Options) -> Report:
         with _phase("reading the input"):
             raw = image.raw_image(options.input.resolve(), work)
             table = layout.read_table(raw)
-            stock = layout.recognise(table, raw.stat().st_size, options.input)
-            plan = layout.plan_layout(stock, options.storage_size, options.data_size)
+            if not mbr.is_pi_layout(table):
+                stock = layout.recognise(table, raw.stat().st_size, options.input)
+                plan = layout.plan_layout(stock, options.storage_size, options.data_size)
+        if mbr.is_pi_layout(table):
+            # Raspberry Pi images have phases of their own; that module imports this one.
+            from convert.rpi_pipeline import convert_pi
+
+            return convert_pi(options, keys, raw, table, work, output, artifact)
+        if options.bootloader == "rpi-tryboot":
+            raise UsageError(f"{options.input} is no Raspberry Pi image for rpi-tryboot to boot")
 
         with _phase("copying the root filesystem"):
             root_fs = work / "rootfs.ext4"
-            filesystems.extract_root(raw, stock.root, root_fs)
+            used = sparse.data_bytes(raw, stock.root.offset, stock.root.end * layout.SECTOR)
+            with progress.watch_growth("copying the root filesystem", root_fs, used):
+                filesystems.extract_root(raw, stock.root, root_fs)
             needed = filesystems.used_bytes(root_fs) + _added_bytes(options)
             layout.check_slot_fits(plan, needed, options.storage_size)
             filesystems.resize(root_fs, plan.slot_a.bytes)
@@ -112,27 +164,32 @@ def convert(options: Options) -> Report:
         with _phase("writing the A/B partition table"):
             disk = work / "output.img"
             partition.create_disk(disk, plan)
-            filesystems.copy_partition(raw, stock.esp, disk, plan.esp)
-            esp = FatVolume(disk, plan.esp.offset)
-            efi_binaries = grub.detect(esp)
+            esp, efi_binaries = _write_esp(raw, stock, disk, plan, changes)
+            _write_swap(raw, stock, disk, plan, work, changes)
 
-        kernel = _change_root(options, keys, plan, root_fs, disk, esp, work, changes)
+        kernel, built = _change_root(options, keys, stock, plan, root_fs, disk, esp, work, changes)
 
         with _phase("writing the slots"):
-            _write_slots(root_fs, disk, plan, work)
+            _write_slots(root_fs, disk, plan)
             changes.append("slots A and B: copies of the root with their own filesystem UUIDs")
 
         with _phase("installing GRUB's A/B configuration on the ESP"):
             grub.install_efi(esp, plan, kernel, work)
+            binaries = (
+                f"{', '.join(efi_binaries)} unchanged"
+                if efi_binaries
+                else f"new {', '.join(built)}" if built else "no EFI binaries: BIOS only"
+            )  # fmt: skip
             changes.append(
-                f"ESP: {grub.EFI_CONFIG} boots the slot otad chooses ({', '.join(efi_binaries)} "
-                f"unchanged); slot table in {rootfs.ENV_DIR}, slot A good"
+                f"ESP: {grub.EFI_CONFIG} boots the slot otad chooses ({binaries}); "
+                f"slot table in {rootfs.ENV_DIR}, slot A good"
             )
 
         with _phase("writing and verifying the artifact"):
             partial_artifact = work / artifact.name
             header = emit(root_fs, partial_artifact, options.artifact_name,
-                          options.device_type, keys.signer, keys.verifiers)  # fmt: skip
+                          options.device_type, keys.signer, keys.verifiers,
+                          compression=options.artifact_compression)  # fmt: skip
 
         with _phase("formatting the data partition"):
             content = work / "data"
@@ -144,21 +201,59 @@ def convert(options: Options) -> Report:
     return Report(output, artifact, options.artifact_name, keys.signer is not None, plan, changes)
 
 
+def _write_esp(
+    raw: Path, stock: StockLayout, disk: Path, plan: Plan, changes: list[str]
+) -> tuple[FatVolume, tuple[str, ...]]:
+    """The stock ESP copied into place with its GRUB binaries, or a new empty one."""
+    if stock.esp is not None:
+        filesystems.copy_partition(raw, stock.esp, disk, plan.esp)
+        esp = FatVolume(disk, plan.esp.offset)
+        return esp, grub.detect(esp)
+    esp = fat.format_volume(disk, plan.esp.offset, plan.esp.bytes, ESP_LABEL)
+    grub.prepare_new_esp(esp)
+    changes.append(
+        f"MBR input: now GPT, with a new ESP ({plan.esp.bytes // MIB} MiB, FAT32) and a BIOS "
+        "boot partition"
+    )
+    return esp, ()
+
+
+def _write_swap(
+    raw: Path, stock: StockLayout, disk: Path, plan: Plan, work: Path, changes: list[str]
+) -> None:
+    if stock.swap is None or plan.swap is None:
+        return
+    identity = swap.read_identity(raw, stock.swap)
+    swap.make_swap(identity, disk, plan.swap, work)
+    changes.append(
+        f"swap: partition {plan.swap.number}, shared by both slots, made anew with "
+        f"{'the UUID ' + identity.uuid if identity.uuid else 'a new UUID'}"
+    )
+
+
 def _change_root(
     options: Options,
     keys: _Keys,
+    stock: StockLayout,
     plan: Plan,
     root_fs: Path,
     disk: Path,
     esp: FatVolume,
     work: Path,
     changes: list[str],
-) -> rootfs.Kernel:
-    """Every change inside the root filesystem, and the BIOS core built from it."""
+) -> tuple[rootfs.Kernel, tuple[str, ...]]:
+    """Every change inside the root filesystem, and the GRUB images built from it: the
+    kernel the boot entries name, and the EFI binaries built (for an MBR input)."""
+    built: tuple[str, ...] = ()
     with contextlib.ExitStack() as stack:
         device = stack.enter_context(loop_device(root_fs))
         root = stack.enter_context(mounted(device, work / "root"))
         rootfs.check_convertible(root)
+        if stock.is_mbr and not grub.has_bios_modules(root):
+            raise NotSupportedYet(
+                f"{options.input} boots by BIOS but its root has no GRUB for BIOS "
+                f"(/{grub.BIOS_MODULES_DIR}, package grub-pc-bin): the result could not boot"
+            )
         if options.debs:
             with _phase("installing packages"):
                 rootfs.install_debs(root, options.debs)
@@ -193,18 +288,24 @@ def _change_root(
             else:
                 log.warning("no grub-pc-bin in the image: the result boots with EFI only")
                 changes.append("BIOS: not set up (the image has no grub-pc-bin)")
-    return kernel
+        if stock.is_mbr:
+            with _phase("installing GRUB for EFI"):
+                if grub.has_efi_modules(root):
+                    built = grub.install_efi_binaries(root, esp)
+                else:
+                    log.warning("no grub-efi-amd64-bin in the image: the result boots by BIOS only")
+                    changes.append("EFI: not set up (the image has no grub-efi-amd64-bin)")
+    return kernel, built
 
 
-def _write_slots(root_fs: Path, disk: Path, plan: Plan, work: Path) -> None:
+def _write_slots(root_fs: Path, disk: Path, plan: Plan) -> None:
+    """Slot B, then slot A, each the data of `root_fs` under a new filesystem UUID: only
+    the used blocks are copied, and `root_fs` ends as slot A, the artifact's payload."""
     filesystems.check(root_fs, "the converted root")
-    filesystems.set_uuid(root_fs, filesystems.new_uuid())
-    filesystems.write_into(root_fs, disk, plan.slot_a)
-    slot_b = work / "rootfs-b.ext4"
-    filesystems.copy_sparse(root_fs, slot_b)
-    filesystems.set_uuid(slot_b, filesystems.new_uuid())
-    filesystems.write_into(slot_b, disk, plan.slot_b)
-    slot_b.unlink()
+    for name, slot in (("B", plan.slot_b), ("A", plan.slot_a)):
+        filesystems.set_uuid(root_fs, filesystems.new_uuid())
+        with progress.track(f"writing slot {name}", sparse.data_bytes(root_fs)) as shown:
+            sparse.copy_data(root_fs, disk, slot.offset, slot.bytes, shown.advance)
 
 
 def _publish(disk: Path, output: Path, partial_artifact: Path, artifact: Path) -> None:
@@ -241,12 +342,17 @@ def _preflight(options: Options) -> _Keys:
         if command is not None:
             tools.append(command[0])
     require_tools(*tools)
-    if options.bootloader not in ("auto", "grub"):
-        raise UsageError(f"bootloader {options.bootloader!r}: only grub is supported yet")
+    if options.bootloader not in ("auto", "grub", "rpi-tryboot"):
+        raise UsageError(f"bootloader {options.bootloader!r}: only grub and rpi-tryboot exist")
     if options.output.resolve() == options.input.resolve():
         raise UsageError("OUTPUT must not be the input image: the input is never modified")
     if not options.output.parent.is_dir():
         raise UsageError(f"the directory of OUTPUT, {options.output.parent}, does not exist")
+    if options.artifact_compression not in ARTIFACT_COMPRESSIONS:
+        raise UsageError(
+            f"artifact compression {options.artifact_compression!r}: expected one of "
+            f"{', '.join(ARTIFACT_COMPRESSIONS)}"
+        )
     if options.data_size < 16 * MIB:
         raise UsageError(f"data size must be at least 16 MiB, got {options.data_size} bytes")
     for deb in options.debs:

@@ -1,4 +1,5 @@
-"""The short report printed at the end: the new layout and what was changed."""
+"""The short report printed at the end: the new layout, what was changed, and how long
+each phase took."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert.layout import MIB, Plan
+from convert.mbr import MbrPlan
 
 
 @dataclass(frozen=True)
@@ -15,8 +17,9 @@ class Report:
     artifact: Path
     artifact_name: str
     signed: bool
-    plan: Plan
+    plan: Plan | MbrPlan
     changes: Sequence[str]
+    timings: Sequence[tuple[str, float]] = ()  # (phase, seconds), in order
 
 
 def render(report: Report) -> str:
@@ -41,10 +44,15 @@ def render(report: Report) -> str:
     ]
     signature = "signed" if report.signed else "unsigned"
     lines = [
-        f"image: {report.output} ({plan.disk_bytes // MIB} MiB, GPT)",
+        f"image: {report.output} ({plan.disk_bytes // MIB} MiB, "
+        f"{'MBR' if isinstance(plan, MbrPlan) else 'GPT'})",
         *(f"  {line.rstrip()}" for line in table),
         f"artifact: {report.artifact} ({report.artifact_name}, {signature}, holds slot A)",
         "changed:",
         *(f"  - {change}" for change in report.changes),
     ]
+    if report.timings:
+        total = sum(seconds for _, seconds in report.timings)
+        lines.append(f"timings ({total:.1f} s in all):")
+        lines += [f"  {title}: {seconds:.1f} s" for title, seconds in report.timings]
     return "\n".join(lines) + "\n"

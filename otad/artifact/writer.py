@@ -83,6 +83,7 @@ class ArtifactSpec:
     depends_groups: tuple[str, ...] = ()
     scripts: tuple[Path, ...] = ()
     compression: Compression = Compression.GZIP
+    level: int | None = None  # of the payload data's compression; None: its default
     signer: Signer | None = None
     mtime: int = 0
 
@@ -270,7 +271,7 @@ def _read_small(path: Path) -> bytes:
 
 def _write_data(out: BinaryIO, spec: ArtifactSpec, files: Sequence[_ScannedFile]) -> None:
     """Stream the payload files into the compressed data archive, checking each again."""
-    compressor = CompressingWriter(out, spec.compression)
+    compressor = CompressingWriter(out, spec.compression, spec.level)
     inner = TarWriter(compressor, spec.mtime)
     for scanned in files:
         with _open_input(scanned.path) as stream:

@@ -201,7 +201,11 @@ class GrubBootloader(Bootloader):
 
 @dataclass(frozen=True)
 class GrubSlotEntry:
-    """How GRUB boots one slot: the GRUB device holding its kernel, and its PARTUUID."""
+    """How GRUB boots one slot: the GRUB device holding its kernel, and its PARTUUID.
+
+    `device` is a GRUB device such as "(hd0,gpt3)", or one whose disk is a GRUB
+    variable set earlier in the config, such as "(${otad_disk},gpt3)".
+    """
 
     partuuid: str
     device: str
@@ -211,6 +215,7 @@ class GrubSlotEntry:
 
 _PARTUUID = re.compile(r"[0-9A-Fa-f-]+")
 _SAFE_WORD = re.compile(r"[A-Za-z0-9_./,:()+=@-]+")
+_VARIABLE_DEVICE = re.compile(r"\(\$\{[A-Za-z_][A-Za-z0-9_]*\}(,[A-Za-z0-9]+)*\)")
 
 
 def render_selection_script(env_dir: str, fallback: Slot = Slot.A) -> str:
@@ -339,14 +344,18 @@ def render_grub_config(
 def _render_entry(slot: Slot, entry: GrubSlotEntry, kernel_args: str) -> str:
     if not _PARTUUID.fullmatch(entry.partuuid):
         raise UsageError(f"slot {slot.value}: {entry.partuuid!r} is not a PARTUUID")
-    _check_word("GRUB device", entry.device)
+    if _VARIABLE_DEVICE.fullmatch(entry.device):
+        device = f'"{entry.device}"'  # double quotes: GRUB expands the variable
+    else:
+        _check_word("GRUB device", entry.device)
+        device = f"'{entry.device}'"
     _check_word("kernel path", entry.kernel)
     command_line = " ".join(
         [f"root=PARTUUID={entry.partuuid}", *kernel_args.split(), f"{PARAMETER}={slot.value}"]
     )
     lines = [
         f"menuentry 'otad slot {slot.value.upper()}' --id otad-{slot.value} {{",
-        f"    set root='{entry.device}'",
+        f"    set root={device}",
         f"    linux {entry.kernel} {command_line}",
     ]
     if entry.initrd is not None:

@@ -138,7 +138,10 @@ def leftovers(directory: Path) -> tuple[list[str], list[str]]:
 def stock_image() -> Path:
     require_root_and_tools()
     started = time.monotonic()
-    image = stock.stock_image()
+    # A built image is renamed into place whole: no need to wait for the cache's lock,
+    # which a fixture building something else may hold for minutes.
+    built = stock.cache_dir() / f"stock-{stock.image_key()}.img"
+    image = built if built.exists() else stock.stock_image()
     print(f"stock image {image} ready in {time.monotonic() - started:.1f} s")
     return image
 

@@ -130,7 +130,7 @@ def not_an_image(image: Path) -> None:
 
 CASES: dict[str, tuple[Callable[[Path], None], int, str]] = {
     "unknown layout": (unknown_layout, 1, "unknown partition layout"),
-    "raspberry pi": (raspberry_pi, 1, "not supported yet"),
+    "raspberry pi without a FAT filesystem": (raspberry_pi, 1, "should hold the FAT boot files"),
     "arm64 partition type": (arm64_gpt, 1, "only amd64 is supported yet"),
     "arm64 root filesystem": (arm64_root, 1, "for arm64; only amd64 is supported yet"),
     "no GRUB on the ESP": (no_grub, 1, "only GRUB images are supported yet"),

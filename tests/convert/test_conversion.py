@@ -16,7 +16,7 @@ from otad.bootloader.grub import COPY_FILES, COUNTER_FILE, parse_copy, parse_cou
 from otad.config import RefKind, parse_config
 from otad.state import Phase, SlotStatus, parse
 from tests.conftest import require_tool
-from tests.convert import stock
+from tests.convert import stock, stock_mbr
 from tests.convert.conftest import (
     Conversion,
     esp_read,
@@ -152,7 +152,7 @@ def test_esp_boots_the_chosen_slot_on_efi_and_bios(conversion: Conversion, tmp_p
     assert "configfile $prefix/grub.cfg" not in config  # no longer chain-loads the root
     assert 'otad_load_copy "($root)/EFI/otad/copy1/grubenv"' in config
     for slot, number in (("a", 3), ("b", 4)):
-        assert f"set root='(hd0,gpt{number})'" in config
+        assert f'set root="(${{otad_disk}},gpt{number})"' in config
         assert f"root=PARTUUID={parts['root-' + slot].uuid} ro " in config
         assert f"otad.slot={slot}" in config
     assert "console=ttyS0,115200" in config
@@ -175,14 +175,14 @@ def test_esp_boots_the_chosen_slot_on_efi_and_bios(conversion: Conversion, tmp_p
         mbr = disk.read(512)
         disk.seek(parts["bios-boot"].offset)
         core = disk.read(parts["bios-boot"].size * 512)
-    boot_img = Path(stock.stock_tree() / "usr/lib/grub/i386-pc/boot.img").read_bytes()
+    boot_img = Path(stock_mbr.tree() / "usr/lib/grub/i386-pc/boot.img").read_bytes()
     # GRUB's boot code, apart from the BPB and the fields grub-bios-setup patches.
     assert mbr[:3] == boot_img[:3]
     assert mbr[0x68:0x1B8] == boot_img[0x68:0x1B8]
     assert int.from_bytes(mbr[0x5C:0x64], "little") == parts["bios-boot"].start
     assert mbr[450] == 0xEE
     assert mbr[510:] == b"\x55\xaa"
-    diskboot = (stock.stock_tree() / "usr/lib/grub/i386-pc/diskboot.img").read_bytes()
+    diskboot = (stock_mbr.tree() / "usr/lib/grub/i386-pc/diskboot.img").read_bytes()
     assert core[:0x100] == diskboot[:0x100]
     # diskboot's blocklist, as grub-bios-setup fills it: the rest of the core follows.
     assert int.from_bytes(core[0x1F4:0x1FC], "little") == parts["bios-boot"].start + 1
@@ -193,7 +193,7 @@ def test_esp_boots_the_chosen_slot_on_efi_and_bios(conversion: Conversion, tmp_p
     early = tmp_path / "early.cfg"
     early.write_text(f"search.fs_uuid {esp_uuid} root\nset prefix=($root){grub.BIOS_PREFIX}\n")
     expected = tmp_path / "core.img"
-    sh("grub-mkimage", "-O", "i386-pc", "-d", stock.stock_tree() / grub.BIOS_MODULES_DIR,
+    sh("grub-mkimage", "-O", "i386-pc", "-d", stock_mbr.tree() / grub.BIOS_MODULES_DIR,
        "-c", early, "-p", grub.BIOS_PREFIX, "-o", expected, *grub.BIOS_MODULES)  # fmt: skip
     rebuilt = expected.read_bytes()
     assert core[1024 : len(rebuilt)] == rebuilt[1024:]

@@ -52,6 +52,8 @@ def test_cloud_layout_is_recognised_and_planned() -> None:
     stock = layout.recognise(_table(*CLOUD), 2 << 30, Path("disk.img"))
     plan = layout.plan_layout(stock, 4 << 30, 128 * MIB)
 
+    assert stock.bios_boot is not None
+    assert stock.esp is not None
     assert (stock.root.number, stock.bios_boot.number, stock.esp.number) == (1, 14, 15)
     assert [p.name for p in plan.partitions] == ["esp", "bios-boot", "root-a", "root-b", "data"]
     assert plan.slot_a.size == plan.slot_b.size

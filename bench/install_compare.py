@@ -178,10 +178,12 @@ def _tool_versions() -> str:
     return versions.replace("\n", ";")
 
 
-def peer_key(parameters: PayloadParameters) -> str:
+def peer_key(parameters: PayloadParameters, artifacts: Path) -> str:
+    """The peer inputs' cache key: the mender artifact is signed with otad's bench key,
+    which is made anew with every artifacts directory, so that directory is part of it."""
     import hashlib
 
-    text = f"{parameters.key};{PEER_GENERATOR_VERSION};{_tool_versions()}"
+    text = f"{parameters.key};{artifacts.name};{PEER_GENERATOR_VERSION};{_tool_versions()}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -278,7 +280,7 @@ def ensure_peer_inputs(
     The .swu files name the slot device in sw-description, so they are built for the
     loop partition the benchmark will attach (see SWU_DEVICE).
     """
-    directory = cache / f"peers-{peer_key(parameters)}"
+    directory = cache / f"peers-{peer_key(parameters, artifacts)}"
     if (directory / "complete").exists():
         log.info("peer inputs: cached in %s", directory)
         return directory

@@ -47,10 +47,10 @@ def boot(converted: harness.Converted, tmp_path: Path) -> Iterator[GuestFactory]
     """Starts a guest from an overlay of the converted image (at most one per test)."""
     started: list[harness.Guest] = []
 
-    def start(media: Path | None = None) -> harness.Guest:
+    def start(media: Path | None = None, firmware: str = "uefi") -> harness.Guest:
         machine = tmp_path / "machine"
         machine.mkdir()
-        guest = harness.Guest(converted.image, machine, media)
+        guest = harness.Guest(converted.image, machine, media, firmware)
         started.append(guest)
         return guest
 

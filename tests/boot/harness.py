@@ -3,10 +3,11 @@
 Every input is cached under $OTAD_TEST_CACHE (default /var/cache/otad-test), keyed by a
 hash of what makes it: the otad .deb by the content of the tree it is built from, its
 dependencies by the .deb and the stock tree, the converted image by all of its inputs.
-A guest boots a copy-on-write overlay of the converted image with UEFI (OVMF) under
-TCG. Its first serial port is the system console, logged to a file; the second carries
-a root shell (a getty with autologin, set up by the overlay the converter copies in),
-which `Guest.run` drives with a small expect loop, with a deadline on every wait.
+A guest boots a copy-on-write overlay of the converted image under TCG, with UEFI
+(OVMF) or legacy BIOS (QEMU's default firmware, SeaBIOS). Its first serial port is the
+system console, logged to a file; the second carries a root shell (a getty with
+autologin, set up by the overlay the converter copies in), which `Guest.run` drives with
+a small expect loop, with a deadline on every wait.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.convert import stock
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+FIRMWARES = ("uefi", "bios")  # OVMF, or SeaBIOS (QEMU's default without pflash)
 STORAGE_SIZE = "2600M"
 DEVICE_TYPE = "x86_64"
 FIRST_RELEASE = "v1"
@@ -313,26 +316,50 @@ def tail(path: Path, lines: int = 60) -> str:
 
 
 class Guest:
-    """A QEMU machine booted from an overlay of `image`; `media` is attached as a 2nd disk."""
+    """A QEMU machine booted from an overlay of `image`; `media` is attached as a 2nd disk.
 
-    def __init__(self, image: Path, work: Path, media: Path | None = None) -> None:
+    `firmware` is one of FIRMWARES. `overlay` names the machine's disk: a fresh overlay is
+    made there unless it exists, in which case the machine boots what it holds (the same
+    machine powered on again, its UEFI variables beside it); by default a fresh overlay
+    in `work`. The disk uses QEMU's writeback cache, which honours the guest's flushes: a
+    write the guest has flushed is in the overlay file, so it survives `kill`.
+    """
+
+    def __init__(
+        self,
+        image: Path,
+        work: Path,
+        media: Path | None = None,
+        firmware: str = "uefi",
+        overlay: Path | None = None,
+    ) -> None:
+        if firmware not in FIRMWARES:
+            raise ValueError(f"firmware {firmware!r} is not one of {', '.join(FIRMWARES)}")
         self.work = work
+        self.firmware = firmware
         self.console_log = work / "console.log"
         self.shell_log = work / "shell.log"
-        self.overlay = work / "disk.qcow2"
+        self.overlay = overlay or work / "disk.qcow2"
         self.socket_path = work / "shell.sock"
-        _sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", image.resolve(), "-F", "raw",
-            self.overlay)  # fmt: skip
-        variables = work / "OVMF_VARS.fd"
-        shutil.copy(OVMF_VARS, variables)
+        if not self.overlay.exists():
+            _sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", image.resolve(), "-F", "raw",
+                self.overlay)  # fmt: skip
+        variables = self.overlay.with_name("OVMF_VARS.fd")
+        if firmware == "uefi" and not variables.exists():
+            shutil.copy(OVMF_VARS, variables)
+        pflash = [
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,file={variables}",
+        ]  # fmt: skip
         argv = [
             "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "1024",
             "-smp", "2", "-nographic", "-monitor", "none", "-nic", "none",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,file={variables}",
-            "-drive", f"if=virtio,format=qcow2,file={self.overlay}",
+            *(pflash if firmware == "uefi" else []),
+            "-drive", f"if=virtio,format=qcow2,cache=writeback,file={self.overlay}",
             "-serial", f"file:{self.console_log}",
             "-serial", f"unix:{self.socket_path},server=on,wait=off",
+            # A hardware watchdog, as devices have; idle unless the guest arms it.
+            "-device", "i6300esb", "-action", "watchdog=reset",
         ]  # fmt: skip
         if media is not None:
             argv += ["-drive", f"if=virtio,format=raw,readonly=on,file={media}"]
@@ -372,6 +399,18 @@ class Guest:
         self._socket.close()
         self._transcript.close()
         self._qemu_log.close()
+
+    def kill(self) -> None:
+        """Cut the power: SIGKILL QEMU, so that nothing it still buffers reaches the disk.
+
+        What the guest flushed is in the overlay file already; writes it had not flushed
+        may be lost, wholly or in part (qcow2 keeps new clusters' mappings in QEMU's memory
+        until a flush). The host's page cache survives, as a disk's flushed cache would.
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.close()
 
     def __enter__(self) -> Guest:
         return self
@@ -525,3 +564,109 @@ class Guest:
         words = self.check("cat /proc/cmdline").split()
         values = [w.split("=", 1)[1] for w in words if w.startswith("otad.slot=")]
         return values[-1] if values else ""
+
+
+# -- releases of the scenarios ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseChanges:
+    """What a release changes in slot A's filesystem; paths are absolute in the slot.
+
+    `directories` are made first (parents before children), then `files` (path: content)
+    written, `edits` (path: function of the old content) applied and `links` (path:
+    target) made as symbolic links.
+    """
+
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    edits: Mapping[str, Callable[[bytes], bytes]] = field(default_factory=dict)
+    directories: Sequence[str] = ()
+    links: Mapping[str, str] = field(default_factory=dict)
+
+
+def make_changed_release(
+    converted: Converted, work: Path, version: str, changes: ReleaseChanges
+) -> Path:
+    """Like make_release, with new directories, edited files and symbolic links too; the
+    payload is zstd-compressed (faster to write and to install under TCG than gzip)."""
+    filesystem = work / f"{version}.ext4"
+    extract_slot_a(converted.image, filesystem)
+    files = dict(changes.files)
+    for path, edit in changes.edits.items():
+        files[path] = edit(read_file(filesystem, path))
+    staging = work / f"{version}-files"
+    staging.mkdir()
+    requests = [f"mkdir {directory}" for directory in changes.directories]
+    for index, (path, content) in enumerate(files.items()):
+        local = staging / str(index)
+        local.write_bytes(content)
+        local.chmod(0o755 if content.startswith(b"#!") else 0o644)
+        directory, _, name = path.rpartition("/")
+        requests += [f"cd {directory or '/'}", f"rm {name}", f"write {local} {name}"]
+    for path, target in changes.links.items():
+        directory, _, name = path.rpartition("/")
+        requests += [f"cd {directory or '/'}", f"rm {name}", f"symlink {name} {target}"]
+    debugfs(filesystem, requests)
+    _sh("e2fsck", "-fy", filesystem)
+    _sh("tune2fs", "-U", "random", filesystem)
+    _sh("resize2fs", "-M", filesystem)
+    artifact = work / f"{version}.mender"
+    artifact_tool("write", "rootfs-image", "-n", version, "-t", DEVICE_TYPE,
+                  "--software-version", version, "-f", filesystem, "-o", artifact,
+                  "-k", converted.key, "--compression", "zstd")  # fmt: skip
+    filesystem.unlink()
+    shutil.rmtree(staging)
+    return artifact
+
+
+def read_file(filesystem: Path, path: str) -> bytes:
+    """The content of `path` in the ext4 `filesystem`, read with debugfs."""
+    result = subprocess.run(
+        ["debugfs", "-R", f"cat {path}", str(filesystem)], capture_output=True, check=True
+    )
+    if not result.stdout:
+        raise RuntimeError(f"debugfs found no {path} in {filesystem}: {result.stderr!r}")
+    return result.stdout
+
+
+def make_small_artifact(
+    work: Path, name: str, *, version: str, device_type: str = DEVICE_TYPE,
+    key: Path | None = None, marker: bytes = b"",
+) -> Path:  # fmt: skip
+    """A rootfs artifact of a small ext4 filesystem holding `marker` in a file, its payload
+    uncompressed (so that the marker's bytes appear as they are in the .mender); signed
+    with `key` if given."""
+    content = work / f"{name}.content"
+    content.mkdir()
+    (content / "marker").write_bytes(marker or name.encode())
+    filesystem = work / f"{name}.ext4"
+    _sh("mkfs.ext4", "-q", "-d", content, filesystem, "8M")
+    shutil.rmtree(content)
+    artifact = work / f"{name}.mender"
+    signing = ["-k", str(key)] if key is not None else []
+    artifact_tool("write", "rootfs-image", "-n", name, "-t", device_type,
+                  "--software-version", version, "-f", filesystem, "-o", artifact,
+                  "--compression", "none", *signing)  # fmt: skip
+    filesystem.unlink()
+    return artifact
+
+
+def tamper(artifact: Path, marker: bytes, target: Path) -> None:
+    """A copy of `artifact` with one bit flipped in the only occurrence of `marker`."""
+    data = bytearray(artifact.read_bytes())
+    offset = data.find(marker)
+    if offset < 0 or data.find(marker, offset + 1) >= 0:
+        raise LookupError(f"{artifact} does not hold {marker!r} exactly once")
+    data[offset] ^= 0x01
+    target.write_bytes(bytes(data))
+
+
+def make_media_of(artifacts: Sequence[Path], target: Path) -> None:
+    """A small ext4 disk holding all of `artifacts` at its top level, to attach as a drive."""
+    content = target.with_suffix(".content")
+    content.mkdir()
+    for artifact in artifacts:
+        os.link(artifact, content / artifact.name)
+    size = sum(a.stat().st_size for a in artifacts) * 11 // 10 + (16 << 20)
+    _sh("mkfs.ext4", "-q", "-L", "otad-media", "-d", content, target, f"{size // 1024}k")
+    shutil.rmtree(content)

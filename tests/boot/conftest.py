@@ -47,10 +47,12 @@ def boot(converted: harness.Converted, tmp_path: Path) -> Iterator[GuestFactory]
     """Starts a guest from an overlay of the converted image (at most one per test)."""
     started: list[harness.Guest] = []
 
-    def start(media: Path | None = None, firmware: str = "uefi") -> harness.Guest:
+    def start(
+        media: Path | None = None, firmware: str = "uefi", usb: bool = False
+    ) -> harness.Guest:
         machine = tmp_path / "machine"
         machine.mkdir()
-        guest = harness.Guest(converted.image, machine, media, firmware)
+        guest = harness.Guest(converted.image, machine, media, firmware, usb=usb)
         started.append(guest)
         return guest
 

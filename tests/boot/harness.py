@@ -289,6 +289,19 @@ def debugfs(filesystem: Path, requests: list[str]) -> None:
         raise RuntimeError(f"debugfs on {filesystem}: {'; '.join(errors)}")
 
 
+def make_usb_stick(artifact: Path, target: Path) -> None:
+    """A disk laid out as USB sticks come: an MBR, one FAT32 partition from 1 MiB, with
+    `artifact` at the top level. Made without mounting (mkfs.fat at an offset, mtools)."""
+    size = artifact.stat().st_size * 11 // 10 + (64 << 20)
+    with target.open("wb") as disk:
+        disk.truncate(size)
+    subprocess.run(["sfdisk", "--quiet", str(target)], input="label: dos\nstart=2048, type=c\n",
+                   text=True, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    sectors = size // 512 - 2048
+    _sh("mkfs.fat", "-F", "32", "-n", "OTADSTICK", "--offset", "2048", target, str(sectors // 2))
+    _sh("mcopy", "-i", f"{target}@@1M", artifact, f"::{artifact.name}")
+
+
 def make_media(artifact: Path, target: Path) -> None:
     """A small ext4 disk holding `artifact` at its top level, to attach as a drive."""
     content = target.with_suffix(".content")
@@ -332,6 +345,7 @@ class Guest:
         media: Path | None = None,
         firmware: str = "uefi",
         overlay: Path | None = None,
+        usb: bool = False,
     ) -> None:
         if firmware not in FIRMWARES:
             raise ValueError(f"firmware {firmware!r} is not one of {', '.join(FIRMWARES)}")
@@ -341,6 +355,7 @@ class Guest:
         self.shell_log = work / "shell.log"
         self.overlay = overlay or work / "disk.qcow2"
         self.socket_path = work / "shell.sock"
+        self.qmp_path = work / "qmp.sock"
         if not self.overlay.exists():
             _sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", image.resolve(), "-F", "raw",
                 self.overlay)  # fmt: skip
@@ -351,27 +366,56 @@ class Guest:
             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,file={variables}",
         ]  # fmt: skip
-        argv = [
+        self._argv = [
             "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "1024",
             "-smp", "2", "-nographic", "-monitor", "none", "-nic", "none",
             *(pflash if firmware == "uefi" else []),
             "-drive", f"if=virtio,format=qcow2,cache=writeback,file={self.overlay}",
-            "-serial", f"file:{self.console_log}",
+            "-chardev", f"file,id=console,path={self.console_log},append=on",
+            "-serial", "chardev:console",
             "-serial", f"unix:{self.socket_path},server=on,wait=off",
             # A hardware watchdog, as devices have; idle unless the guest arms it.
             "-device", "i6300esb", "-action", "watchdog=reset",
+            # A reset (the guest's reboot, the watchdog's) ends QEMU, which _running()
+            # then starts again: every reboot is a power cycle. OVMF under multi-threaded
+            # TCG now and then hangs for good on a warm reset, before printing anything
+            # (seen once in CI); a cold start does not, and is what a device's reset
+            # circuit does anyway.
+            "-no-reboot",
         ]  # fmt: skip
         if media is not None:
-            argv += ["-drive", f"if=virtio,format=raw,readonly=on,file={media}"]
-        self._qemu_log = (work / "qemu.log").open("wb")
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._qemu_log, stderr=subprocess.STDOUT
-        )
+            self._argv += ["-drive", f"if=virtio,format=raw,readonly=on,file={media}"]
+        # QEMU's control socket, for hot-plugging: guests see nothing of it.
+        self._argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if usb:
+            self._argv += ["-device", "qemu-xhci,id=usb"]  # a USB 3 host controller
+        self._plugged = 0
+        self._qemu_log = (work / "qemu.log").open("ab")
         self._transcript = self.shell_log.open("ab")
+        self.power_cycles = 0
+        self._serial = 0  # numbers the shell's markers; never reused, even across resets
+        self._launch()
+
+    def _launch(self) -> None:
+        self.process = subprocess.Popen(
+            self._argv, stdin=subprocess.DEVNULL, stdout=self._qemu_log, stderr=subprocess.STDOUT
+        )
         self._socket = self._connect()
         self._buffer = ""
-        self._serial = 0
-        self.started = time.monotonic()
+
+    def _running(self) -> None:
+        """Start QEMU again if the guest reset it (it exits 0); fail if it died otherwise
+        or the guest powered itself off."""
+        if self.process.poll() is None:
+            return
+        if self.process.returncode != 0:
+            raise self.failure(f"QEMU exited with {self.process.returncode}")
+        if tail(self.console_log, 5).rstrip().endswith("reboot: Power down"):
+            raise self.failure("the guest powered itself off")
+        self._socket.close()
+        self.power_cycles += 1
+        log.info("guest reset: QEMU powered on again (%d)", self.power_cycles)
+        self._launch()
 
     def _connect(self) -> socket.socket:
         deadline = time.monotonic() + 30
@@ -412,6 +456,49 @@ class Guest:
         self.process.wait()
         self.close()
 
+    def plug_usb_stick(self, stick: Path) -> None:
+        """Hot-plug `stick` (a raw disk image) as a USB mass-storage device, as a person
+        pushes a stick in: the guest's kernel and udev see a new removable disk. Needs a
+        guest started with usb=True. A power cycle unplugs it: QEMU starts without it.
+        """
+        self._plugged += 1
+        node = f"stick{self._plugged}"
+        self._qmp("blockdev-add", {
+            "node-name": node, "driver": "raw", "read-only": True,
+            "file": {"driver": "file", "filename": str(stick), "read-only": True},
+        })  # fmt: skip
+        self._qmp("device_add", {
+            "driver": "usb-storage", "id": f"usb-{node}", "bus": "usb.0", "drive": node,
+            "removable": True,
+        })  # fmt: skip
+
+    def _qmp(self, command: str, arguments: Mapping[str, object]) -> object:
+        """One QMP command on a fresh connection; its "return" value, or a failure."""
+        self._running()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(30)
+            connection.connect(str(self.qmp_path))
+            replies = connection.makefile("rwb")
+
+            def exchange(message: Mapping[str, object] | None) -> dict[str, object]:
+                if message is not None:
+                    replies.write(json.dumps(message).encode() + b"\n")
+                    replies.flush()
+                while True:  # asynchronous events may come first
+                    line = replies.readline()
+                    if not line:
+                        raise self.failure(f"QMP closed the connection during {command}")
+                    reply: dict[str, object] = json.loads(line)
+                    if "event" not in reply:
+                        return reply
+
+            exchange(None)  # the greeting
+            exchange({"execute": "qmp_capabilities"})
+            reply = exchange({"execute": command, "arguments": dict(arguments)})
+        if "error" in reply:
+            raise self.failure(f"QMP {command} {dict(arguments)} failed: {reply['error']}")
+        return reply.get("return")
+
     def __enter__(self) -> Guest:
         return self
 
@@ -429,7 +516,11 @@ class Guest:
     def _send(self, text: str) -> None:
         self._transcript.write(f"\n>>> {text}".encode())
         self._transcript.flush()
-        self._socket.sendall(text.encode())
+        self._running()
+        # When QEMU is exiting, the next _expect starts it again and the command is lost,
+        # as any input to a machine that resets is.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._socket.sendall(text.encode())
 
     def _expect(self, pattern: re.Pattern[str], deadline: float) -> re.Match[str] | None:
         """Read until `pattern` matches the unread output (consumed up to the match's end),
@@ -442,13 +533,20 @@ class Guest:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            if self.process.poll() is not None:
-                raise self.failure(f"QEMU exited with {self.process.returncode}")
+            self._running()
             readable, _, _ = select.select([self._socket], [], [], min(left, 1.0))
             if readable:
-                data = self._socket.recv(65536)
-                if not data:
-                    raise self.failure("QEMU closed the serial socket")
+                try:
+                    data = self._socket.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                if not data:  # QEMU closes the socket as it exits
+                    try:
+                        self.process.wait(10)
+                    except subprocess.TimeoutExpired:
+                        raise self.failure("QEMU closed the serial socket") from None
+                    self._running()
+                    continue
                 self._transcript.write(data)
                 self._transcript.flush()
                 self._buffer += data.decode(errors="replace").replace("\r", "")

@@ -138,8 +138,14 @@ def _partuuid(partition: Path) -> str:
 
 
 @contextmanager
-def attached_disk(directory: Path, slot_size: int) -> Iterator[Disk]:
-    """A GPT disk image with root-a, root-b and data, on a loop device; detached after."""
+def attached_disk(directory: Path, slot_size: int, direct_io: bool = False) -> Iterator[Disk]:
+    """A GPT disk image with root-a, root-b and data, on a loop device; detached after.
+
+    By default the loop device is buffered: what is written to it lands in the host's page
+    cache of the image file, and an fsync only pushes it to the host's disk. With
+    `direct_io` the loop device reads and writes the image file with O_DIRECT, so the
+    slot behaves like a disk of its own: writes reach the host's disk at its speed.
+    """
     image = directory / "disk.img"
     with image.open("wb") as stream:
         stream.truncate(2 * slot_size + 16 * MIB)
@@ -148,7 +154,8 @@ def attached_disk(directory: Path, slot_size: int) -> Iterator[Disk]:
         f"size={slot_size // 1024}KiB, name=root-b\nname=data\n"
     )
     subprocess.run(["sfdisk", "-q", str(image)], input=layout, text=True, check=True)
-    loop = Path(run(["losetup", "--find", "--show", str(image)]).strip())
+    direct = ["--direct-io=on"] if direct_io else []
+    loop = Path(run(["losetup", *direct, "--find", "--show", str(image)]).strip())
     try:
         run(["partx", "-u", str(loop)])
         slot_a, slot_b = Path(f"{loop}p1"), Path(f"{loop}p2")
@@ -788,12 +795,12 @@ def daemon_figures(otad_dir: Path, bus: str, runs: int) -> list[DaemonFigures] |
 # -- the report --------------------------------------------------------------------------
 
 
-def header_lines(size: int, runs: int, cache: str) -> list[str]:
+def header_lines(size: int, runs: int, cache: str, slot: str) -> list[str]:
     return [
         f"payload: ext4 image, {size // MIB} MiB; {runs} interleaved runs; median MiB/s of "
         "uncompressed payload per wall second (process start included); peak RSS over runs",
         f"page cache: {cache}; before every install the slot is discarded (reads as zeros)",
-        "slot: partition 2 of a sparse disk image on a loop device; every tool writes it",
+        f"slot: partition 2 of a sparse disk image on a {slot}; every tool writes it",
         "otad: Engine.install in a driver process, signature + per-chunk SHA-256 (signed "
         "chunk index), 1 MiB blocks, pread-compare, fsync every 64 MiB and at the end, O_EXCL",
         "mender 3.4: standalone `mender install`, gzip artifact from mender-artifact, "
@@ -822,8 +829,9 @@ def report(
     size: int,
     runs: int,
     cache: str,
+    slot: str,
 ) -> None:
-    print("\n".join(header_lines(size, runs, cache)))
+    print("\n".join(header_lines(size, runs, cache, slot)))
     print(f"{'tool':<26} {'compr.':<6} {'MiB/s':>8} {'RSS KiB':>9}")
     for case in cases:
         label = case.tool if case.key != "otad/zstd again" else "otad re-install same image"
@@ -902,6 +910,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="echo 3 > /proc/sys/vm/drop_caches before every run; default: warm cache",
     )
+    parser.add_argument(
+        "--slot-direct-io",
+        action="store_true",
+        help="losetup --direct-io=on: the slot writes through to the host's disk, as a real "
+        "disk would; default: a buffered loop device (writes land in the page cache)",
+    )
     parser.add_argument("--only", help="run only the cases whose key contains this text")
     parser.add_argument("-v", "--verbose", action="store_true", help="log commands")
     parser.add_argument("--child-install", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -924,7 +938,7 @@ def benchmark(args: argparse.Namespace) -> None:
     with ExitStack() as stack:
         scratch = tempfile.TemporaryDirectory(dir=args.cache, prefix="install-")
         work = Path(stack.enter_context(scratch))
-        disk = stack.enter_context(attached_disk(work, args.size + SLOT_SPARE))
+        disk = stack.enter_context(attached_disk(work, args.size + SLOT_SPARE, args.slot_direct_io))
         SWU_DEVICE.parent.mkdir(parents=True, exist_ok=True)
         SWU_DEVICE.unlink(missing_ok=True)
         SWU_DEVICE.symlink_to(disk.slot_b)
@@ -938,6 +952,7 @@ def benchmark(args: argparse.Namespace) -> None:
         cases += more + limit_cases(disk, payload, artifacts)
         if args.only:
             cases = [c for c in cases if args.only in c.key or c.key in ("dd", "dd direct")]
+        slot = "loop device with direct I/O" if args.slot_direct_io else "buffered loop device"
         if args.drop_caches:
             cache = "dropped before every run"
         else:
@@ -952,7 +967,7 @@ def benchmark(args: argparse.Namespace) -> None:
                 read_once(path)
         results = run_benchmark(cases, args.runs, args.drop_caches, disk.slot_b, payload)
         daemon = daemon_figures(otad_dir, bus, args.runs)
-    report(results, cases, skipped, daemon, args.size, args.runs, cache)
+    report(results, cases, skipped, daemon, args.size, args.runs, cache, slot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

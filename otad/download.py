@@ -45,9 +45,31 @@ of the file, would need a reader API that takes `ResumePoint.prefix_sha256()` as
 seeded whole-file digest and skips the first `point.chunks` chunk checks; it saves the
 second read of the prefix from the slot, which is local and far cheaper than the network.
 
-For a compressed data member there is no fixed offset: the download restarts from byte
-0, and the slot writer's skip-identical blocks make rewriting the part already there a
-matter of reading it.
+A compressed data member has no fixed offset for a byte of the image, but the data
+archives otad-artifact writes are cut into gzip members (xz streams, zstd frames) that
+start on chunk boundaries of the image, and the reader notes the ones it passes
+(`PayloadFile.boundaries()`: the offset in the compressed member, the byte of the
+image). The record keeps the last one at or before the verified bytes, and the resume
+is spliced after decompression rather than before (`SplicedSource.splice_member`):
+
+1. `probe_member()` first asks, in a request of its own, for about one chunk's worth
+   of compressed bytes from the boundary and checks that a fresh decoder turns them
+   into the signed chunk the boundary claims to start; if not, the download starts
+   over from byte 0. Only boundaries at chunks found once in the image are recorded
+   (otad.resume), so a boundary that passes is the one it claims to be: a wrong record
+   costs a start-over, not a failed install.
+2. The first request stops where the data member starts. When the reader reaches it,
+   `open_data()` hands it a decompressed stream made of the image's tar header (made
+   from the signed name and size), the slot's bytes up to the boundary, then a fresh
+   decoder's output from the boundary on, downloaded with a Range request; the
+   compressed bytes before the boundary are never downloaded (the outer archive reads
+   zeros for them, which only its skip looks at).
+3. The reader checks every chunk against the signed index and bounds every size by the
+   signed header exactly as for a fresh download.
+
+An artifact whose compressed data is one member (other tools write it so) has no such
+boundary: its download restarts from byte 0, and the slot writer's skip-identical
+blocks make rewriting the part already there a matter of reading it.
 """
 
 from __future__ import annotations
@@ -71,7 +93,19 @@ from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import CertificateError
 
 from otad.artifact.chunks import ChunkIndex
-from otad.errors import Cancelled, ConfigError, DeviceError, OtadError, UsageError
+from otad.artifact.compression import Boundary, Compression, Decompressor, open_decompressed
+from otad.artifact.reader import Payload
+from otad.artifact.streams import Readable, read_into_fully, skip_exactly
+from otad.artifact.tarstream import TarEntry
+from otad.artifact.tarwrite import member_header
+from otad.errors import (
+    ArtifactError,
+    Cancelled,
+    ConfigError,
+    DeviceError,
+    OtadError,
+    UsageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -440,6 +474,16 @@ class HttpSource:
         if not len(buffer):
             return 0
         return self._attempt(lambda: self._read(buffer))
+
+    def another(self) -> HttpSource:
+        """A source of its own for the same URL and settings, expecting the same size."""
+        return HttpSource(
+            self.url,
+            self.settings,
+            expected_size=self.size,
+            cancel=self._cancel,
+            sleep=self._sleep,
+        )
 
     def end_first_request_at(self, offset: int) -> None:
         """Ask only for the bytes before `offset` in the first request; call before reading.
@@ -811,12 +855,77 @@ def resume_point(
     )
 
 
+@dataclass(frozen=True)
+class MemberResumePoint:
+    """Where the download of a compressed image resumes: at the gzip member or zstd
+    frame that starts `compressed` bytes into the data member (which starts at
+    `member_offset` in the artifact) and yields the image from `image_offset` on; the
+    slot supplies the image before that. `prefix` bytes of the slot were verified."""
+
+    member_offset: int
+    compressed: int
+    image_offset: int
+    prefix: int
+    compression: Compression
+
+    @property
+    def resume_at(self) -> int:
+        return self.member_offset + self.compressed
+
+
+def probe_member(http: HttpSource, point: MemberResumePoint, chunk_index: ChunkIndex) -> str | None:
+    """Why the compressed data at `point` is not where the image's chunk there starts;
+    None when a fresh decoder started there yields exactly that signed chunk.
+
+    It asks for the bytes from `point.resume_at` on in a request of its own and reads
+    only as many as decoding one chunk takes. A wrong point fails here, before the
+    install relies on it, so that it can start over instead of failing.
+    """
+    number = point.image_offset // chunk_index.chunk_size
+    if point.image_offset % chunk_index.chunk_size or number >= len(chunk_index.digests):
+        return f"byte {point.image_offset} of the image does not start a chunk"
+    chunk = memoryview(bytearray(chunk_index.chunk_length(number)))
+    probe = http.another()
+    try:
+        probe.skip_to(point.resume_at)
+        # Enough for one chunk that does not compress at all; more is asked for if needed.
+        probe.end_first_request_at(point.resume_at + len(chunk) + len(chunk) // 64 + 4096)
+        decoder = open_decompressed(probe, point.compression, f"byte {point.resume_at}")
+        count = read_into_fully(decoder, chunk)
+        changes = probe.identity.differences(http.identity)
+    except (ArtifactError, DownloadError) as error:
+        return f"its compressed data at byte {point.resume_at} does not decode: {error}"
+    finally:
+        probe.close()
+    if changes:
+        return f"the server now serves another artifact: {', '.join(changes)}"
+    if count < len(chunk) or hashlib.sha256(chunk[:count]).digest() != chunk_index.digests[number]:
+        return (
+            f"its compressed data at byte {point.resume_at} does not decode to chunk "
+            f"{number} of the image"
+        )
+    return None
+
+
+_ZEROS = bytes(1 << 20)
+
+
 class SplicedSource:
     """The artifact as `http` serves it, except the image prefix the slot already holds.
 
-    Until `splice(point)` is called this is `http` itself. Afterwards the bytes from
-    `point.artifact_offset` to `point.resume_at` come from the slot and the download
-    goes on at `point.resume_at` with a Range request. The reader verifies both alike.
+    Until `splice(point)` or `splice_member(point)` is called this is `http` itself.
+
+    `splice(point)` is for an uncompressed image: the bytes from `point.artifact_offset`
+    to `point.resume_at` come from the slot and the download goes on at
+    `point.resume_at` with a Range request.
+
+    `splice_member(point)` is for a compressed one, spliced after decompression: the
+    reader asks `open_data()` (a DataSplice) for the data member's decompressed stream
+    and gets the inner tar header of the image, the slot's first `point.image_offset`
+    bytes, then what a fresh decoder makes of the data member from `point.compressed`
+    on, downloaded with a Range request from `point.resume_at`. The compressed bytes
+    skipped are never downloaded: this source hands the outer archive zeros for them,
+    which nothing reads but the skip. The reader verifies all of it alike.
     """
 
     def __init__(self, http: HttpSource, slot: Path) -> None:
@@ -824,6 +933,8 @@ class SplicedSource:
         self._slot = slot
         self._descriptor = -1
         self._point: ResumePoint | None = None
+        self._member: MemberResumePoint | None = None
+        self._hole: tuple[int, int] | None = None  # bytes not downloaded, read as zeros
         self._position = 0
 
     def splice(self, point: ResumePoint) -> None:
@@ -836,9 +947,55 @@ class SplicedSource:
         if point.prefix:
             self._descriptor = _open_slot(self._slot)
 
+    def splice_member(self, point: MemberResumePoint) -> None:
+        """Resume a compressed image at `point`; call before the data member is reached."""
+        if self._position > point.member_offset:
+            raise UsageError(
+                f"already read {self._position} bytes, past the data at {point.member_offset}"
+            )
+        self._member = point
+
+    @property
+    def member_point(self) -> MemberResumePoint | None:
+        """The compressed splice planned, once the reader took it (None if it declined)."""
+        return self._member
+
+    def open_data(
+        self, member: TarEntry, compression: Compression, compressed: Readable, payload: Payload
+    ) -> Decompressor | None:
+        """The data member's decompressed stream, spliced at the planned point (DataSplice)."""
+        point = self._member
+        if point is None or payload.index != 0:
+            return None
+        promise = payload.promise
+        found = (member.data_offset, compression)
+        if found != (point.member_offset, point.compression) or promise is None:
+            log.warning(
+                "not resuming the download of %s: its data is %s at byte %d, the resume "
+                "record says %s at %d; starting over",
+                shown_url(self.http.url),
+                compression.value,
+                member.data_offset,
+                point.compression.value,
+                point.member_offset,
+            )
+            self._member = None
+            return None
+        assert promise.chunked_file is not None
+        name = promise.chunked_file
+        header = member_header(name, promise.sizes[name], 0)
+        self._hole = (point.member_offset, point.resume_at)
+        self._descriptor = _open_slot(self._slot)
+        return _MemberSplice(
+            header, self._descriptor, self._slot, point, compression, compressed, member.name
+        )
+
     def readinto(self, buffer: memoryview, /) -> int:
         point = self._point
-        if point is None or not point.prefix:
+        hole = self._hole
+        if hole is not None and self._position < hole[1]:
+            count = self._read_around(buffer, hole)
+        elif point is None or not point.prefix:
             count = self.http.readinto(buffer)
         elif self._position < point.artifact_offset:
             count = self.http.readinto(buffer[: point.artifact_offset - self._position])
@@ -847,6 +1004,15 @@ class SplicedSource:
         else:
             count = self.http.readinto(buffer)
         self._position += count
+        return count
+
+    def _read_around(self, buffer: memoryview, hole: tuple[int, int]) -> int:
+        start, end = hole
+        if self._position < start:
+            return self.http.readinto(buffer[: start - self._position])
+        self.http.skip_to(end)
+        count = min(len(buffer), end - self._position, len(_ZEROS))
+        buffer[:count] = _ZEROS[:count]
         return count
 
     def _read_slot(self, buffer: memoryview, point: ResumePoint) -> int:
@@ -874,3 +1040,66 @@ class SplicedSource:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _MemberSplice(Decompressor):
+    """A compressed data member's decompressed stream, resumed at `point`: the image's
+    tar header, the slot's first `point.image_offset` bytes, then a fresh decoder's
+    output from `point.compressed` on in `compressed` (the data member's bytes)."""
+
+    def __init__(
+        self,
+        header: bytes,
+        descriptor: int,
+        slot: Path,
+        point: MemberResumePoint,
+        compression: Compression,
+        compressed: Readable,
+        what: str,
+    ) -> None:
+        super().__init__()
+        self._header = header
+        self._descriptor = descriptor
+        self._slot = slot
+        self._point = point
+        self._compression = compression
+        self._compressed = compressed
+        self._what = what
+        self._decoder: Decompressor | None = None
+        self._position = 0
+        self._image_end = len(header) + point.image_offset
+
+    @property
+    def boundaries(self) -> list[Boundary]:
+        point = self._point
+        found = [Boundary(point.compressed, self._image_end)]
+        if self._decoder is not None:
+            found += [
+                Boundary(point.compressed + b.compressed, self._image_end + b.decompressed)
+                for b in self._decoder.boundaries[1:]
+            ]
+        return found
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        header = len(self._header)
+        if self._position < header:
+            count = min(len(buffer), header - self._position)
+            buffer[:count] = self._header[self._position : self._position + count]
+        elif self._position < self._image_end:
+            offset = self._position - header
+            view = buffer[: self._image_end - self._position]
+            count = os.preadv(self._descriptor, [view], offset)
+            if not count:
+                raise DeviceError(f"slot {self._slot} ends at byte {offset} of its resume point")
+        else:
+            count = self._decoded().readinto(buffer) or 0
+        self._position += count
+        return count
+
+    def _decoded(self) -> Decompressor:
+        if self._decoder is None:
+            skip_exactly(self._compressed, self._point.compressed, self._what)
+            decoder = open_decompressed(self._compressed, self._compression, self._what)
+            assert isinstance(decoder, Decompressor)
+            self._decoder = decoder
+        return self._decoder

@@ -363,6 +363,7 @@ class Engine:
             source,
             VerifyPolicy(self._trusted_keys(), require_signature=True),
             Limits(payload=device.size),
+            splice=resume.source if resume is not None else None,
         )
         header = reader.read_header()
         running = state.slots[booted].release

@@ -14,6 +14,12 @@ The sizes bound decompression: a reader never accepts more bytes than the signed
 promises. The chunk index lets an installer verify each chunk before writing it, skip
 chunks the target already holds, and resume an interrupted transfer from the last good
 chunk. The key prefix `otad.` is reserved in meta-data.
+
+Resuming a compressed transfer also needs places where decoding can start again: the
+writer cuts a compressed data archive into gzip members (xz streams, zstd frames) that
+start on chunk boundaries of the first file (otad/artifact/writer.py). Those places are
+not in the header and need no signature: decoding from a wrong one cannot yield chunks
+that match the index.
 """
 
 from __future__ import annotations

@@ -4,6 +4,13 @@ The member's name says its compression: `.gz` (gzip), `.xz` (xz, which mender-ar
 calls lzma), `.zst` (zstd) or no suffix. Readers decompress into the caller's buffer
 and never produce more than it asks for, so a decompression bomb cannot grow memory;
 the reader above bounds the total by what the signed header promises.
+
+A compressed stream may be several gzip members, xz streams or zstd frames one after the
+other, which every decompressor reads as one stream. The writer can end one and start
+the next at chosen places (`CompressingWriter.start_members_at`), and the readers note
+where each starts (`Decompressor.boundaries`): a fresh decoder started there, in the
+middle of the compressed stream, yields the rest of the decompressed stream. That is
+what lets an interrupted download of a compressed image resume (otad.resume).
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ from __future__ import annotations
 import enum
 import lzma
 import zlib
-from typing import IO, BinaryIO, Protocol, cast
+from collections.abc import Iterable
+from typing import IO, BinaryIO, NamedTuple, Protocol, cast
 
 import zstandard
 
@@ -60,6 +68,33 @@ def split_suffix(name: str, stem: str) -> Compression | None:
     return None
 
 
+class Boundary(NamedTuple):
+    """Where a gzip member, xz stream or zstd frame starts: its offset in the compressed
+    stream and the offset of its first byte in the decompressed stream."""
+
+    compressed: int
+    decompressed: int
+
+
+class Decompressor:
+    """A Readable of decompressed bytes that notes where each member or frame starts.
+
+    `boundaries` grows as reading passes them (the first is (0, 0)); a fresh decoder
+    started at one's compressed offset yields the decompressed stream from its
+    decompressed offset on. It may be asked from another thread while this one reads.
+    """
+
+    def __init__(self) -> None:
+        self._found: list[Boundary] = [Boundary(0, 0)]
+
+    @property
+    def boundaries(self) -> list[Boundary]:
+        return list(self._found)
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        raise NotImplementedError
+
+
 class _Decoder(Protocol):
     @property
     def eof(self) -> bool: ...
@@ -95,10 +130,11 @@ class _ZlibDecoder:
         return output
 
 
-class _ChunkedDecompressor:
+class _ChunkedDecompressor(Decompressor):
     """A Readable that decompresses gzip or xz, including multi-member streams."""
 
     def __init__(self, source: Readable, compression: Compression, what: str) -> None:
+        super().__init__()
         self._source = source
         self._compression = compression
         self._what = what
@@ -106,6 +142,8 @@ class _ChunkedDecompressor:
         self._input = bytearray(_INPUT_SIZE)
         self._pending = b""
         self._source_done = False
+        self._read = 0  # compressed bytes read from the source
+        self._produced = 0  # decompressed bytes returned
 
     def _new_decoder(self) -> _ZlibDecoder | lzma.LZMADecompressor:
         if self._compression is Compression.GZIP:
@@ -121,6 +159,7 @@ class _ChunkedDecompressor:
         count = self._source.readinto(memoryview(self._input)) or 0
         if not count:
             self._source_done = True
+        self._read += count
         return bytes(self._input[:count])
 
     def readinto(self, buffer: memoryview, /) -> int:
@@ -139,6 +178,7 @@ class _ChunkedDecompressor:
             output = self._decoder.decompress(data, len(buffer))
             if output:
                 buffer[: len(output)] = output
+                self._produced += len(output)
                 return len(output)
             source_exhausted = not data and self._source_done and self._decoder.needs_input
             if source_exhausted and not self._decoder.eof:
@@ -157,6 +197,8 @@ class _ChunkedDecompressor:
             return False
         self._decoder = self._new_decoder()
         self._pending = rest
+        # Nothing else is buffered here: the member that ended had consumed all its input.
+        self._found.append(Boundary(self._read - len(rest), self._produced))
         return True
 
 
@@ -172,16 +214,158 @@ class _FileAdapter:
         return bytes(buffer[:count])
 
 
-class _ZstdDecompressor:
+_ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE_MAGIC = 0x184D2A50  # up to 0x184D2A5F
+_DICTIONARY_ID_SIZES = (0, 1, 2, 4)
+_CONTENT_SIZE_SIZES = (0, 2, 4, 8)
+
+
+class _ZstdFrames:
+    """A Readable over the current zstd frame of `source`: it ends where the frame ends.
+
+    It walks the frame's structure (RFC 8878: header, block headers, checksum) without
+    decompressing, so it knows exactly where each frame ends in the compressed stream;
+    `next_frame()` moves on to the next one (skipping skippable frames).
+    """
+
     def __init__(self, source: Readable, what: str) -> None:
+        self._source = source
         self._what = what
+        self._buffer = bytearray()
+        self._input = memoryview(bytearray(_INPUT_SIZE))
+        self.offset = 0  # of the next byte handed on, in the compressed stream
+        self._left = 0  # bytes of the current part (header, block, checksum) to hand on
+        self._state = "start"  # start, block, checksum, done
+        self._checksum = False
+        self._last_block = False
+
+    def _fill(self, size: int) -> bool:
+        """Buffer at least `size` bytes; False if the source ends first."""
+        while len(self._buffer) < size:
+            count = self._source.readinto(self._input) or 0
+            if not count:
+                return False
+            self._buffer += self._input[:count]
+        return True
+
+    def _need(self, size: int) -> bytes:
+        if not self._fill(size):
+            raise TruncatedArtifact(f"{self._what}: compressed stream ends early")
+        return bytes(self._buffer[:size])
+
+    def next_frame(self) -> bool:
+        """Start the next frame; False at the end of the stream."""
+        while True:
+            if not self._fill(1):
+                return False
+            magic = int.from_bytes(self._need(4), "little")
+            if magic & 0xFFFFFFF0 != _SKIPPABLE_MAGIC:
+                break
+            size = int.from_bytes(self._need(8)[4:], "little")
+            self._skip(8 + size)
+        if magic != _ZSTD_MAGIC:
+            raise CompressionError(
+                f"{self._what}: corrupt zstd data: no frame at byte {self.offset}"
+            )
+        descriptor = self._need(5)[4]
+        if descriptor & 0x08:
+            raise CompressionError(f"{self._what}: corrupt zstd data: reserved bit set")
+        single_segment = bool(descriptor & 0x20)
+        content_size = _CONTENT_SIZE_SIZES[descriptor >> 6] or int(single_segment)
+        self._left = 5 + (not single_segment) + _DICTIONARY_ID_SIZES[descriptor & 3] + content_size
+        self._checksum = bool(descriptor & 0x04)
+        self._state = "block"
+        self._last_block = False
+        return True
+
+    def _skip(self, size: int) -> None:
+        while size:
+            if not self._fill(1):
+                raise TruncatedArtifact(f"{self._what}: compressed stream ends early")
+            take = min(size, len(self._buffer))
+            del self._buffer[:take]
+            self.offset += take
+            size -= take
+
+    def _next_part(self) -> bool:
+        """Learn the length of the frame's next part; False once the frame has ended."""
+        if self._state == "block":
+            if self._last_block:
+                self._state = "checksum"
+                self._left = 4 if self._checksum else 0
+                return self._left > 0 or self._next_part()
+            header = int.from_bytes(self._need(3), "little")
+            kind, size = (header >> 1) & 3, header >> 3
+            if kind == 3:
+                raise CompressionError(f"{self._what}: corrupt zstd data: reserved block type")
+            self._last_block = bool(header & 1)
+            self._left = 3 + (1 if kind == 1 else size)
+            return True
+        self._state = "done"
+        return False
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        filled = 0
+        while filled < len(buffer):
+            if not self._left and (self._state == "done" or not self._next_part()):
+                break
+            if not self._buffer:
+                if filled:
+                    break  # hand on what is here rather than wait for more
+                if not self._fill(1):
+                    raise TruncatedArtifact(f"{self._what}: compressed stream ends early")
+            take = min(self._left, len(buffer) - filled, len(self._buffer))
+            buffer[filled : filled + take] = self._buffer[:take]
+            del self._buffer[:take]
+            filled += take
+            self._left -= take
+            self.offset += take
+        return filled
+
+    def is_frame_done(self) -> bool:
+        """True once every byte of the frame was handed on (reading further gives 0)."""
+        return not self.readinto(memoryview(bytearray(1))) and self._state == "done"
+
+
+class _ZstdDecompressor(Decompressor):
+    """Decompresses zstd one frame at a time, each with a fresh stream reader."""
+
+    def __init__(self, source: Readable, what: str) -> None:
+        super().__init__()
+        self._what = what
+        self._frames = _ZstdFrames(source, what)
+        self._produced = 0
+        self._reader: zstandard.ZstdDecompressionReader | None = None
+        self._ended = False
+
+    def _next_reader(self) -> bool:
+        frames = self._frames
+        if self._reader is not None and not frames.is_frame_done():
+            raise CompressionError(f"{self._what}: corrupt zstd data: a frame ends early")
+        start = frames.offset
+        if not frames.next_frame():
+            self._ended = True
+            return False
+        if self._reader is not None:
+            self._found.append(Boundary(start, self._produced))
         self._reader = zstandard.ZstdDecompressor().stream_reader(
-            cast(IO[bytes], _FileAdapter(source)), read_size=_INPUT_SIZE, read_across_frames=True
+            cast(IO[bytes], _FileAdapter(frames)), read_size=_INPUT_SIZE, closefd=False
         )
+        return True
 
     def readinto(self, buffer: memoryview, /) -> int:
         try:
-            return int(self._reader.readinto(buffer))
+            while not self._ended:
+                if self._reader is None and not self._next_reader():
+                    break
+                assert self._reader is not None
+                count = int(self._reader.readinto(buffer))
+                if count:
+                    self._produced += count
+                    return count
+                if not self._next_reader():
+                    break
+            return 0
         except zstandard.ZstdError as error:
             raise CompressionError(f"{self._what}: corrupt zstd data: {error}") from None
 
@@ -202,29 +386,60 @@ class _Encoder(Protocol):
 
 
 class CompressingWriter:
-    """A write-only stream that compresses into `sink`; call `finish()` at the end."""
+    """A write-only stream that compresses into `sink`; call `finish()` at the end.
+
+    `start_members_at(offsets)` ends the current gzip member, xz stream or zstd frame
+    and starts a new one at each of those offsets of the uncompressed stream.
+    """
 
     def __init__(self, sink: BinaryIO, compression: Compression, level: int | None = None) -> None:
         self._sink = sink
-        self._encoder: _Encoder | None
-        if compression is Compression.NONE:
-            self._encoder = None
-        elif compression is Compression.GZIP:
+        self._compression = compression
+        self._level = level
+        self._encoder = self._new_encoder()
+        self.position = 0  # uncompressed bytes written
+        self._starts: list[int] = []
+
+    def _new_encoder(self) -> _Encoder | None:
+        level = self._level
+        if self._compression is Compression.NONE:
+            return None
+        if self._compression is Compression.GZIP:
             # wbits 31 writes a gzip header with mtime 0 and no file name: reproducible.
-            self._encoder = zlib.compressobj(6 if level is None else level, zlib.DEFLATED, 31)
-        elif compression is Compression.XZ:
-            self._encoder = lzma.LZMACompressor(
-                format=lzma.FORMAT_XZ, preset=6 if level is None else level
-            )
-        else:
-            options = zstandard.ZstdCompressor(level=3 if level is None else level)
-            self._encoder = options.compressobj()
+            return zlib.compressobj(6 if level is None else level, zlib.DEFLATED, 31)
+        if self._compression is Compression.XZ:
+            return lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=6 if level is None else level)
+        return zstandard.ZstdCompressor(level=3 if level is None else level).compressobj()
+
+    def start_members_at(self, offsets: Iterable[int]) -> None:
+        """Start a new member at each offset (ahead of `position`) as writing reaches it."""
+        starts = sorted(set(offsets))
+        if starts and starts[0] <= self.position:
+            raise UsageError(f"member start {starts[0]} is not ahead of {self.position}")
+        self._starts = starts[::-1]
 
     def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while self._starts and self.position + len(view) >= self._starts[-1]:
+            take = self._starts.pop() - self.position
+            self._write(view[:take])
+            view = view[take:]
+            self._end_member()
+        self._write(view)
+
+    def _write(self, view: memoryview) -> None:
+        if not view:
+            return
+        self.position += len(view)
         if self._encoder is None:
-            self._sink.write(data)
+            self._sink.write(view)
         else:
-            self._sink.write(self._encoder.compress(bytes(data)))
+            self._sink.write(self._encoder.compress(bytes(view)))
+
+    def _end_member(self) -> None:
+        if self._encoder is not None:
+            self._sink.write(self._encoder.flush())
+            self._encoder = self._new_encoder()
 
     def finish(self) -> None:
         if self._encoder is not None:

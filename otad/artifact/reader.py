@@ -20,6 +20,11 @@ whole-file digest as usual.
 The reader never writes anything: it hands verified blocks to its caller. Only when
 `finish()` returns has every file the manifest lists arrived intact; a caller activates
 nothing before that.
+
+For a download resumed from the slot, a `DataSplice` may supply a data member's
+decompressed stream instead (part of it from the slot, the rest decoded from the middle
+of the compressed member); the reader checks what it supplies exactly as it checks a
+fresh stream. `PayloadFile.boundaries()` says where such a resume can start.
 """
 
 from __future__ import annotations
@@ -30,9 +35,16 @@ import re
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from otad.artifact.chunks import PREFIX, ChunkIndex, PayloadPromise, parse_promise
-from otad.artifact.compression import Compression, open_decompressed, split_suffix
+from otad.artifact.compression import (
+    Boundary,
+    Compression,
+    Decompressor,
+    open_decompressed,
+    split_suffix,
+)
 from otad.artifact.headers import (
     FormatVersion,
     HeaderInfo,
@@ -169,7 +181,9 @@ class PayloadFile:
 
     Each block is a view into a buffer the reader reuses: consume it before asking for
     the next. `artifact_offset` is where the file's bytes start in the artifact when
-    its data archive is uncompressed (what a ranged download resumes from), else None.
+    its data archive is uncompressed (what a ranged download resumes from), else None;
+    `member_offset` is where its compressed data archive starts in the artifact, else
+    None.
     """
 
     payload: Payload
@@ -181,6 +195,26 @@ class PayloadFile:
     _source: Readable = field(repr=False)
     verified: bool = False
     _iterator: Iterator[memoryview] | None = field(default=None, repr=False)
+    member_offset: int | None = None
+    _decoder: Decompressor | None = field(default=None, repr=False)
+    _stream_offset: int = 0  # where the file starts in the decompressed data archive
+
+    def boundaries(self) -> list[Boundary]:
+        """The compressed members read so far that start inside the file on a chunk
+        boundary: their offset in the compressed data archive and in the file.
+
+        A fresh decoder started at such a member's offset yields the file from that
+        byte on. Safe to call from another thread while the file is being read.
+        """
+        if self._decoder is None or self.chunk_index is None:
+            return []
+        chunk_size = self.chunk_index.chunk_size
+        found = []
+        for boundary in list(self._decoder.boundaries):
+            offset = boundary.decompressed - self._stream_offset
+            if 0 < offset < self.size and offset % chunk_size == 0:
+                found.append(Boundary(boundary.compressed, offset))
+        return found
 
     def blocks(self) -> Iterator[memoryview]:
         if self._iterator is None:
@@ -328,16 +362,32 @@ class _HeaderParts:
         self.scripts[script] = data
 
 
+class DataSplice(Protocol):
+    """Supplies the decompressed stream of a compressed data member (a resume)."""
+
+    def open_data(
+        self, member: TarEntry, compression: Compression, compressed: Readable, payload: Payload
+    ) -> Decompressor | None:
+        """The decompressed stream of `member`, read from `compressed` (its bytes);
+        None to have the reader decompress it as usual."""
+
+
 class ArtifactReader:
     """Reads one artifact from `source`, front to back, verifying as it goes.
 
     Use as: `header = reader.read_header()`, then `for file in reader.payload_files()`
-    (iterating `file.blocks()`), then `reader.finish()`.
+    (iterating `file.blocks()`), then `reader.finish()`. `splice`, when given, may
+    supply compressed data members' decompressed streams (see DataSplice).
     """
 
     def __init__(
-        self, source: Readable, policy: VerifyPolicy | None = None, limits: Limits | None = None
+        self,
+        source: Readable,
+        policy: VerifyPolicy | None = None,
+        limits: Limits | None = None,
+        splice: DataSplice | None = None,
     ) -> None:
+        self._splice = splice
         self._outer = TarReader(source, "artifact")
         self._policy = policy or VerifyPolicy()
         self._limits = limits or Limits()
@@ -540,13 +590,18 @@ class ArtifactReader:
         self, entry: TarEntry, payload: Payload, compression: Compression
     ) -> Iterator[PayloadFile]:
         member = entry.name
-        decompressed = open_decompressed(self._outer, compression, member)
+        decompressed: Readable | None = None
+        if self._splice is not None and compression is not Compression.NONE:
+            decompressed = self._splice.open_data(entry, compression, self._outer, payload)
+        if decompressed is None:
+            decompressed = open_decompressed(self._outer, compression, member)
+        decoder = decompressed if isinstance(decompressed, Decompressor) else None
         prefetcher = Prefetcher(decompressed)
         try:
             inner = TarReader(prefetcher, member)
             while (file_entry := inner.next_entry()) is not None:
                 payload_file = self._open_payload_file(
-                    file_entry, entry, payload, compression, inner
+                    file_entry, entry, payload, compression, inner, decoder
                 )
                 yield payload_file
                 payload_file.drain()
@@ -562,6 +617,7 @@ class ArtifactReader:
         payload: Payload,
         compression: Compression,
         inner: TarReader,
+        decoder: Decompressor | None,
     ) -> PayloadFile:
         member = outer_entry.name
         name = file_entry.name
@@ -597,6 +653,9 @@ class ArtifactReader:
             artifact_offset=offset,
             chunk_index=payload.chunk_index if chunked else None,
             _source=inner,
+            member_offset=None if decoder is None else outer_entry.data_offset,
+            _decoder=decoder,
+            _stream_offset=file_entry.data_offset,
         )
 
     def finish(self) -> ArtifactHeader:

@@ -5,6 +5,18 @@ index (which go into the signed header, ahead of the data), and once to stream i
 the compressed data archive, hashing again to catch a file that changed in between.
 Output goes to a temporary file beside the target and is renamed into place only when
 complete, so a failed write never leaves a partial artifact behind.
+
+When the data archive is compressed and the image has a chunk index, the compressed
+stream is cut into independent gzip members, xz streams or zstd frames, a new one
+starting every `ArtifactSpec.member_chunks` chunks of the image (16 by default: every
+16 MiB of a 1 MiB-chunk index). Each new one starts at the inner tar header's length
+plus a multiple of that many chunks in the uncompressed data archive, so at a chunk
+boundary of the image: a download cut short resumes from the last one before what the
+slot holds (otad.resume) instead of from the first byte. Every decompressor reads such
+a stream as one (mender-artifact and the Mender client included). What it costs is a
+fresh dictionary every 16 MiB: on the 1.4 GiB ext4 root filesystem of a Debian 12
+cloud image, 15 KB more for gzip (+0.006 %) and 670 KB more for zstd at level 3
+(+0.3 %); members every 4 MiB would cost +0.03 % and +0.9 %.
 """
 
 from __future__ import annotations
@@ -45,10 +57,13 @@ from otad.artifact.release import check_version, software_version_key
 from otad.artifact.signing import Signer
 from otad.artifact.streams import BLOCK_SIZE
 from otad.artifact.tarstream import TarReader
-from otad.artifact.tarwrite import TarWriter
+from otad.artifact.tarwrite import TarWriter, member_header
 from otad.errors import EnvironmentProblem, MalformedArtifact, UsageError
 
 log = logging.getLogger(__name__)
+
+# Chunks of the image per gzip member or zstd frame of a compressed data archive.
+MEMBER_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,7 @@ class ArtifactSpec:
     scripts: tuple[Path, ...] = ()
     compression: Compression = Compression.GZIP
     level: int | None = None  # of the payload data's compression; None: its default
+    member_chunks: int = MEMBER_CHUNKS  # chunks per compressed member; 0: one member only
     signer: Signer | None = None
     mtime: int = 0
 
@@ -274,6 +290,8 @@ def _write_data(out: BinaryIO, spec: ArtifactSpec, files: Sequence[_ScannedFile]
     compressor = CompressingWriter(out, spec.compression, spec.level)
     inner = TarWriter(compressor, spec.mtime)
     for scanned in files:
+        if spec.compression is not Compression.NONE:
+            _plan_members(compressor, scanned, spec)
         with _open_input(scanned.path) as stream:
             hashing = _HashingReader(stream)
             inner.add_stream(scanned.name, scanned.size, hashing)
@@ -281,6 +299,16 @@ def _write_data(out: BinaryIO, spec: ArtifactSpec, files: Sequence[_ScannedFile]
                 raise EnvironmentProblem(f"payload file {scanned.path} changed while being written")
     inner.close()
     compressor.finish()
+
+
+def _plan_members(compressor: CompressingWriter, scanned: _ScannedFile, spec: ArtifactSpec) -> None:
+    """Start a new compressed member every `member_chunks` chunks of an indexed file."""
+    index = scanned.chunk_index
+    if index is None or spec.member_chunks <= 0:
+        return
+    start = compressor.position + len(member_header(scanned.name, scanned.size, spec.mtime))
+    step = index.chunk_size * spec.member_chunks
+    compressor.start_members_at(range(start + step, start + scanned.size, step))
 
 
 class _HashingReader:

@@ -434,12 +434,8 @@ def test_truncated_inside_the_data_member(
     if level == "compressed stream":
         stored = data_member(parts)
         parts = dataclasses.replace(parts, data_raw=stored[: len(stored) // 2])
-        # zstandard reports a cut frame as a clean end; the archive inside then ends early.
-        message = {
-            Compression.GZIP: "data/0000.tar.gz: compressed stream ends early",
-            Compression.XZ: "data/0000.tar.xz: compressed stream ends early",
-            Compression.ZSTD: "data/0000.tar.zst ends",
-        }[compression]
+        # zstd frames are walked block by block, so a cut frame is found as a cut.
+        message = rf"data/0000\.tar{compression.suffix}: compressed stream ends early"
     else:
         archive = tar_bytes([Member(ROOTFS, PAYLOAD)])
         cut = archive[: BLOCK + 5000]

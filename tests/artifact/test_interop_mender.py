@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -24,8 +25,10 @@ from typing import Any
 import pytest
 
 from otad.artifact.chunks import PREFIX
+from otad.artifact.compression import Compression
 from otad.artifact.describe import describe
 from otad.artifact.reader import SignatureStatus, VerifyPolicy, verify_artifact
+from otad.artifact.writer import ArtifactSpec, rootfs_image, write_artifact
 from otad.errors import BadSignature
 from tests.artifact.conftest import KeyPair, make_payload
 from tests.conftest import require_tool
@@ -588,3 +591,43 @@ def test_mender_cannot_verify_otad_ed25519_signature(
         refused = mender_validate(mender, artifact, keys[other].public)
         assert refused.returncode != 0
         assert "verification failed" in refused.stderr or "verification error" in refused.stderr
+
+
+@pytest.mark.parametrize("compression", [Compression.GZIP, Compression.XZ])
+def test_mender_reads_an_image_compressed_in_many_members(
+    mender: str, tmp_path: Path, keys: dict[str, KeyPair], compression: Compression
+) -> None:
+    """otad-artifact cuts a rootfs image's compressed data into members (what lets a
+    download resume); mender-artifact reads across all of them: `validate` checks the
+    image's SHA-256, and fails once a byte of the last member is changed."""
+    key = keys["ecdsa"]
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(random.Random(5).randbytes(40 * 65536 + 1000))  # every member large
+    spec = ArtifactSpec(
+        name="release-1",
+        device_types=("otad-test",),
+        payload=rootfs_image(image, software_version="1", chunk_size=65536),
+        compression=compression,
+        member_chunks=4,
+        signer=key.signer,
+    )
+    artifact = write_artifact(spec, tmp_path / "members.mender").path
+    with artifact.open("rb") as stream:
+        _, files = verify_artifact(stream)
+    boundaries = files[0].boundaries()
+    assert len(boundaries) == 10
+    member = files[0].member_offset
+    assert member is not None
+
+    validated = mender_validate(mender, artifact, key.public)
+    assert (validated.returncode, validated.stderr) == (0, "")
+    assert VALIDATED_BY_MENDER in validated.stdout
+    assert mender_read(mender, artifact, key.public).name == "release-1"
+
+    raw = bytearray(artifact.read_bytes())
+    raw[member + boundaries[-1].compressed + 100] ^= 0xFF
+    tampered = tmp_path / "tampered.mender"
+    tampered.write_bytes(bytes(raw))
+    refused = mender_validate(mender, tampered, key.public)
+    assert refused.returncode != 0
+    assert VALIDATED_BY_MENDER not in refused.stdout

@@ -4,7 +4,8 @@ A child process (tests/download/killable.py) installs from nginx with the real e
 onto a loop-device slot and pauses after each save of the resume record; the test kills
 it there, restarts the engine as the daemon does (after a daemon restart or a power
 cut), installs the same URL again or lets the Updater resume by itself, and checks from
-nginx's access log how many bytes the second attempt fetched.
+nginx's access log how many bytes the second attempt fetched. Compressed artifacts
+(gzip, zstd) resume at the last member that starts before what the slot holds.
 """
 
 from __future__ import annotations
@@ -80,6 +81,65 @@ def big(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, KeyPair]) -> d
         assert offset is not None
         made[name] = Big(path, image.read_bytes(), offset)
     return made
+
+
+MEMBER_CHUNKS = 4  # a gzip member or zstd frame every MiB of the image
+
+
+@dataclass(frozen=True)
+class Packed:
+    path: Path
+    image: bytes
+    member_offset: int  # where the compressed data member starts in the artifact
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+@pytest.fixture(scope="session")
+def packed(
+    tmp_path_factory: pytest.TempPathFactory, keys: dict[str, KeyPair], big: dict[str, Big]
+) -> dict[str, Packed]:
+    """release-4's image as signed gzip and zstd artifacts, a member every MiB; and
+    "gzip-zeros", whose image holds zeros from byte 2 MiB to byte 4 MiB."""
+    directory = tmp_path_factory.mktemp("packed-artifacts")
+    random_image = big["release-4"].image
+    holey = random_image[: 2 << 20] + bytes(2 << 20) + random_image[4 << 20 :]
+    made = {}
+    for key, compression, content in (
+        ("gzip", Compression.GZIP, random_image),
+        ("zstd", Compression.ZSTD, random_image),
+        ("gzip-zeros", Compression.GZIP, holey),
+    ):
+        image = directory / f"{key}.img"
+        image.write_bytes(content)
+        spec = ArtifactSpec(
+            name="release-4",
+            device_types=("otad-test",),
+            payload=rootfs_image(image, software_version="4", chunk_size=CHUNK_SIZE),
+            compression=compression,
+            member_chunks=MEMBER_CHUNKS,
+            signer=keys["ecdsa"].signer,
+        )
+        path = write_artifact(spec, directory / f"release-4-{key}.mender").path
+        with path.open("rb") as stream:
+            _, files = verify_artifact(stream)
+        offset = files[0].member_offset
+        assert offset is not None
+        made[key] = Packed(path, content, offset)
+    return made
+
+
+def _serve_packed(nginx: Nginx, artifact: Packed) -> str:
+    shutil.copy(artifact.path, nginx.www / "packed.mender")
+    return f"https://localhost:{nginx.ports.tls}/packed.mender"
+
+
+def _probe_range(artifact: Packed, resume_at: int) -> str:
+    """The Range of the request that checks the recorded boundary before the resume."""
+    end = min(resume_at + CHUNK_SIZE + CHUNK_SIZE // 64 + 4096, artifact.size)
+    return f"bytes={resume_at}-{end - 1}"
 
 
 @pytest.fixture
@@ -227,6 +287,143 @@ def test_a_killed_install_resumes_when_the_url_is_installed_again(
     assert fetched < artifact.size // 3 + 64 * 1024
     _check_installed(resumable, artifact.image)
     assert resumable.slot_digest(Slot.A) == running
+
+
+@pytest.mark.parametrize(
+    ("compression", "restart"), [("gzip", "power cut"), ("zstd", "daemon restart")]
+)
+def test_a_killed_install_of_a_compressed_artifact_resumes_at_its_last_member(
+    resumable: Device,
+    tmp_path: Path,
+    pki: Pki,
+    nginx: Nginx,
+    packed: dict[str, Packed],
+    caplog: pytest.LogCaptureFixture,
+    compression: str,
+    restart: str,
+) -> None:
+    artifact = packed[compression]
+    url = _serve_packed(nginx, artifact)
+    running = resumable.slot_digest(Slot.A)
+    recorded = _kill_mid_download(resumable, tmp_path, pki, url, at=4 << 20)
+    record = _record(resumable)
+    assert record is not None
+    assert record.verified == recorded
+    assert (record.artifact_offset, record.member_offset) == (None, artifact.member_offset)
+    assert record.boundary_image is not None
+    assert record.boundary_compressed is not None
+    member = MEMBER_CHUNKS * CHUNK_SIZE
+    assert recorded - member <= record.boundary_image <= recorded
+    assert record.boundary_image % member == 0
+    assert len(_wait_for_requests(nginx, "/packed.mender", 1)) == 1
+
+    if restart == "power cut":
+        engine = resumable.reboot()
+    else:
+        engine = resumable.engine()
+        engine.recover()
+    with caplog.at_level(logging.INFO), HttpSource(url, settings_for(pki)) as source:
+        result = engine.install(source)
+
+    assert result.resumed_from == record.boundary_image
+    assert "goes on with the member that starts at byte" in caplog.text
+    resume_at = artifact.member_offset + record.boundary_compressed
+    again = _wait_for_requests(nginx, "/packed.mender", 4)[1:]
+    assert [(r.status, r.range) for r in again] == [
+        (206, f"bytes=0-{artifact.member_offset - 1}"),
+        (206, _probe_range(artifact, resume_at)),
+        (206, f"bytes={resume_at}-"),
+    ]
+    assert again[0].sent == artifact.member_offset
+    assert again[2].sent == artifact.size - resume_at
+    fetched = sum(r.sent for r in again)
+    assert fetched < artifact.size - (3 << 20)  # the image is random: it does not compress
+    _check_installed(resumable, artifact.image)
+    assert resumable.slot_digest(Slot.A) == running
+
+
+def test_no_resume_is_recorded_at_a_member_that_starts_with_a_repeated_chunk(
+    resumable: Device, tmp_path: Path, pki: Pki, nginx: Nginx, packed: dict[str, Packed]
+) -> None:
+    """A member that starts with a chunk found elsewhere in the image (zeros) could be
+    mistaken for another: the record keeps the last one that starts with a unique chunk."""
+    artifact = packed["gzip-zeros"]
+    url = _serve_packed(nginx, artifact)
+    recorded = _kill_mid_download(resumable, tmp_path, pki, url, at=3 << 20)
+    record = _record(resumable)
+    assert record is not None
+    assert recorded >= 3 << 20
+    assert record.boundary_image == 1 << 20  # not 2 or 3 MiB, where zeros start members
+    _wait_for_requests(nginx, "/packed.mender", 1)
+
+    engine = resumable.reboot()
+    with HttpSource(url, settings_for(pki)) as source:
+        result = engine.install(source)
+    assert result.resumed_from == 1 << 20
+    _check_installed(resumable, artifact.image)
+
+
+@pytest.mark.parametrize(
+    ("lie", "why"),
+    [
+        ("compressed offset", "the recorded boundary is not usable: its compressed data at"),
+        ("image offset", "does not decode to chunk"),
+        ("past the slot", "is past the"),
+        ("repeated chunk", "which is not unique in the image"),
+    ],
+)
+def test_a_resume_record_with_a_wrong_boundary_starts_over(
+    resumable: Device,
+    tmp_path: Path,
+    pki: Pki,
+    nginx: Nginx,
+    packed: dict[str, Packed],
+    caplog: pytest.LogCaptureFixture,
+    lie: str,
+    why: str,
+) -> None:
+    """The boundary is not signed: one that does not decode to the signed chunk it
+    claims is found before it is used, and the install starts over from byte 0."""
+    artifact = packed["gzip-zeros" if lie == "repeated chunk" else "gzip"]
+    url = _serve_packed(nginx, artifact)
+    _kill_mid_download(resumable, tmp_path, pki, url, at=3 << 20)
+    _wait_for_requests(nginx, "/packed.mender", 1)
+    store = ResumeStore(resumable.store.directory)
+    record = store.load()
+    assert record is not None
+    assert record.boundary_compressed is not None
+    assert record.boundary_image is not None
+    if lie == "repeated chunk":
+        # The member at 3 MiB, said to be the one at 2 MiB: both start with zeros, so
+        # the probe alone could not tell them apart.
+        with artifact.path.open("rb") as stream:
+            _, files = verify_artifact(stream)
+        (at_3,) = [b for b in files[0].boundaries() if b.decompressed == 3 << 20]
+        wrong = replace(record, boundary_compressed=at_3.compressed, boundary_image=2 << 20)
+    elif lie == "compressed offset":
+        wrong = replace(record, boundary_compressed=record.boundary_compressed + 1)
+    elif lie == "image offset":
+        wrong = replace(record, boundary_image=record.boundary_image - CHUNK_SIZE)
+    else:
+        wrong = replace(record, boundary_image=len(artifact.image) + CHUNK_SIZE)
+    store.save(wrong)
+
+    engine = resumable.reboot()
+    with caplog.at_level(logging.INFO), HttpSource(url, settings_for(pki)) as source:
+        result = engine.install(source)
+
+    assert result.resumed_from is None
+    assert "not resuming the download" in caplog.text
+    assert why in caplog.text
+    member = artifact.member_offset
+    probed = 0 if lie in ("past the slot", "repeated chunk") else 1
+    again = _wait_for_requests(nginx, "/packed.mender", 3 + probed)[1:]
+    assert [(r.status, r.range) for r in again[:1] + again[1 + probed :]] == [
+        (206, f"bytes=0-{member - 1}"),
+        (206, f"bytes={member}-"),
+    ]
+    assert again[-1].sent == artifact.size - member
+    _check_installed(resumable, artifact.image)
 
 
 class _Listener:
@@ -570,6 +767,18 @@ def test_a_first_request_that_ends_early_goes_on_with_the_rest(
     assert [(r.status, r.range, r.sent) for r in found] == expected
 
 
+def test_a_resume_record_of_an_older_otad_still_parses() -> None:
+    """Records written before compressed artifacts resumed lack the boundary fields."""
+    from otad.resume import _digest
+
+    value = json.loads(serialize(_RECORD))
+    del value["digest"]
+    for name in ("member_offset", "boundary_compressed", "boundary_image"):
+        del value[name]
+    value["digest"] = _digest(value)
+    assert parse(json.dumps(value).encode(), "download.json") == _RECORD
+
+
 _RECORD = ResumeRecord(
     url="https://updates.example/a.mender?X-Amz-Signature=secret",
     target=Slot.B,
@@ -583,6 +792,27 @@ _RECORD = ResumeRecord(
     verified=3 << 20,
     attempts=1,
 )
+
+
+_PACKED_RECORD = replace(
+    _RECORD, artifact_offset=None, member_offset=10240, boundary_compressed=4, boundary_image=1
+)
+
+
+@pytest.mark.parametrize("record", [_RECORD, _PACKED_RECORD])
+def test_a_resume_record_round_trips_in_memory(record: ResumeRecord) -> None:
+    assert parse(serialize(record), "download.json") == record
+
+
+def test_half_a_boundary_is_refused() -> None:
+    from otad.resume import _digest
+
+    value = json.loads(serialize(_PACKED_RECORD))
+    del value["digest"]
+    value["boundary_image"] = None
+    value["digest"] = _digest(value)
+    with pytest.raises(StateCorrupt, match="boundary_compressed and boundary_image"):
+        parse(json.dumps(value).encode(), "download.json")
 
 
 def test_the_resume_record_round_trips(tmp_path: Path) -> None:

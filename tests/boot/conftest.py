@@ -41,6 +41,18 @@ def converted() -> harness.Converted:
 
 GuestFactory = Callable[..., harness.Guest]
 
+KEPT_SUFFIXES = (".log", ".txt", ".json")  # what a boot test leaves for diagnosis
+
+
+@pytest.fixture(autouse=True)
+def drop_disks(tmp_path: Path) -> Iterator[None]:
+    """After each boot test, delete its disks (overlays, media, releases: gigabytes a
+    test; pytest keeps the last three runs' directories) and keep its logs."""
+    yield
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix not in KEPT_SUFFIXES and path.stat().st_size > 1 << 20:
+            path.unlink()
+
 
 @pytest.fixture
 def boot(converted: harness.Converted, tmp_path: Path) -> Iterator[GuestFactory]:

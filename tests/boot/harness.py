@@ -206,7 +206,28 @@ def converted_image() -> Converted:
     with _building(final) as directory:
         if directory != final:
             _convert(source, directory, debs, key, public)
+            prune_images(final)
     return Converted(final / f"{FIRST_RELEASE}.img", final / f"{FIRST_RELEASE}.mender", key)
+
+
+KEPT_IMAGES = 2  # converted images kept besides the newest, for other checkouts' runs
+
+
+def prune_images(newest: Path) -> None:
+    """Delete all but the most recently built few converted images (about 2 GB each) and
+    the power-cut images made from them: every change to otad's tree makes a new one,
+    and a machine that runs the suite often would otherwise fill its disk."""
+    cache = newest.parent
+    images = sorted(
+        (path for path in cache.glob("boot-image-*") if path != newest and path.is_dir()),
+        key=lambda path: path.stat().st_mtime,
+        reverse=True,
+    )
+    for stale in images[KEPT_IMAGES:]:
+        log.info("boot harness: removing the superseded %s", stale.name)
+        shutil.rmtree(stale, ignore_errors=True)
+        for derived in cache.glob(f"powercut-{stale.name}-*"):
+            shutil.rmtree(derived, ignore_errors=True)
 
 
 def _convert(source: Path, directory: Path, debs: Sequence[Path], key: Path, public: Path) -> None:

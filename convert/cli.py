@@ -3,13 +3,15 @@
     otad-convert INPUT -o OUTPUT [--storage-size N] [--data-size N] [--device-type T]
                  [--artifact-name N] [--key K] [--verify-key P ...] [--deb FILE ...]
                  [--overlay DIR] [--bootloader auto|grub|rpi-tryboot] [--config FILE]
-                 [--artifact-compression gzip|zstd|none] [-q | -v]
+                 [--artifact-compression gzip|zstd|none] [--watchdog SECONDS] [-q | -v]
 
 Sizes take a K, M, G or T suffix (powers of 1024). --config names a TOML file whose
 keys are the long options (storage_size, data_size, device_type, artifact_name, key,
-verify_key, deb, overlay, bootloader, artifact_compression); options on the command line
-override it. Long steps show progress on stderr (a bar on a terminal, a line every few
-seconds otherwise); --quiet shows only warnings and errors, and the report.
+verify_key, deb, overlay, bootloader, artifact_compression, watchdog); options on the
+command line override it. Long steps show progress on stderr (a bar on a terminal, a line
+every few seconds otherwise); --quiet shows only warnings and errors, and the report.
+--watchdog sets the hardware watchdog's timeout, which the image arms in its initramfs
+(0: not armed by the image; see convert/watchdog.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from convert import progress
 from convert.errors import ImageError
 from convert.pipeline import Options, convert
 from convert.report import render
+from convert.watchdog import DEFAULT_TIMEOUT as WATCHDOG_TIMEOUT
 from otad.cli.common import EXIT_INVALID, run_command, setup_logging
 from otad.errors import UsageError
 
@@ -36,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "device_type": "x86_64",
     "bootloader": "auto",
     "artifact_compression": "gzip",
+    "watchdog": WATCHDOG_TIMEOUT,
     "verify_key": [],
     "deb": [],
 }
@@ -44,7 +48,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _CONFIG_KEYS = {
     "storage_size": str, "data_size": str, "device_type": str, "artifact_name": str,
     "key": str, "verify_key": list, "deb": list, "overlay": str, "bootloader": str,
-    "artifact_compression": str,
+    "artifact_compression": str, "watchdog": int,
 }  # fmt: skip
 
 
@@ -80,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifact-compression", choices=("gzip", "zstd", "none"),
                         help="default gzip, which every Mender tool reads; zstd is "
                         "faster, but Debian's mender-artifact cannot read it")  # fmt: skip
+    parser.add_argument("--watchdog", type=int, metavar="SECONDS",
+                        help="timeout of the hardware watchdog that the image arms in its "
+                        f"initramfs and systemd then pings (default {WATCHDOG_TIMEOUT}; "
+                        "0: off)")  # fmt: skip
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress, no phase lines")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
     parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
@@ -95,7 +103,7 @@ def read_config(path: Path) -> dict[str, Any]:
         kind = _CONFIG_KEYS.get(key)
         if kind is None:
             raise UsageError(f"{path}: {key!r} is not an option ({', '.join(_CONFIG_KEYS)})")
-        if not isinstance(value, kind):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UsageError(f"{path}: {key} must be a {kind.__name__}")
     return table
 
@@ -124,6 +132,7 @@ def options_from(args: argparse.Namespace) -> Options:
         overlay=Path(overlay) if overlay else None,
         bootloader=str(settings["bootloader"]),
         artifact_compression=str(settings["artifact_compression"]),
+        watchdog=int(settings["watchdog"]),
     )
 
 

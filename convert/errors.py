@@ -27,3 +27,7 @@ class PackageFailed(ImageError):
 
 class EmulationMissing(EnvironmentProblem):
     """The image is for another architecture and this machine cannot run its programs."""
+
+
+class InitramfsFailed(ImageError):
+    """The image's initramfs could not be rebuilt with the watchdog armed."""

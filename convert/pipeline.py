@@ -33,6 +33,7 @@ from convert import (
     rootfs,
     sparse,
     swap,
+    watchdog,
 )
 from convert.artifact import artifact_path, emit, release_of
 from convert.errors import NotSupportedYet
@@ -41,6 +42,7 @@ from convert.fat import FatVolume
 from convert.layout import MIB, Plan, StockLayout
 from convert.mounts import loop_device, mounted
 from convert.report import Report
+from convert.watchdog import DEFAULT_TIMEOUT as WATCHDOG_TIMEOUT
 from otad.artifact.signing import Signer, Verifier, load_signer, load_verifier, public_pem
 from otad.bootloader.base import Slot
 from otad.errors import UsageError
@@ -74,6 +76,7 @@ class Options:
     overlay: Path | None = None
     bootloader: str = "auto"
     artifact_compression: str = "gzip"
+    watchdog: int = WATCHDOG_TIMEOUT  # seconds; 0: the image does not arm the watchdog
 
 
 @dataclass
@@ -254,9 +257,12 @@ def _change_root(
                 f"{options.input} boots by BIOS but its root has no GRUB for BIOS "
                 f"(/{grub.BIOS_MODULES_DIR}, package grub-pc-bin): the result could not boot"
             )
+        # The watchdog's phase rebuilds the initramfs once, after all packages.
+        defer = options.watchdog > 0 and watchdog.can_rebuild(root)
+        owed = False
         if options.debs:
             with _phase("installing packages"):
-                rootfs.install_debs(root, options.debs)
+                owed = rootfs.install_debs(root, options.debs, defer_initramfs=defer)
                 changes.append(f"installed {', '.join(d.name for d in options.debs)}")
         if options.overlay is not None:
             with _phase("copying the overlay"):
@@ -276,6 +282,9 @@ def _change_root(
                 f"boot entries: {kernel.kernel} {kernel.initrd or '(no initrd)'} "
                 f"with '{kernel.arguments}'",
             ]
+        if options.watchdog:
+            with _phase("arming the watchdog from the initramfs"):
+                changes.append(watchdog.install(root, options.watchdog, kernel.initrd, owed))
         with _phase("installing GRUB for BIOS"):
             if grub.has_bios_modules(root):
                 esp_uuid = filesystems.filesystem_uuid_at(disk, plan.esp.offset)
@@ -341,6 +350,8 @@ def _preflight(options: Options) -> _Keys:
         command = image.decompressor(options.input)
         if command is not None:
             tools.append(command[0])
+    if options.debs:
+        tools.append("dpkg-deb")  # names the packages (rootfs.install_debs)
     require_tools(*tools)
     if options.bootloader not in ("auto", "grub", "rpi-tryboot"):
         raise UsageError(f"bootloader {options.bootloader!r}: only grub and rpi-tryboot exist")
@@ -353,6 +364,7 @@ def _preflight(options: Options) -> _Keys:
             f"artifact compression {options.artifact_compression!r}: expected one of "
             f"{', '.join(ARTIFACT_COMPRESSIONS)}"
         )
+    watchdog.check_timeout(options.watchdog)
     if options.data_size < 16 * MIB:
         raise UsageError(f"data size must be at least 16 MiB, got {options.data_size} bytes")
     for deb in options.debs:

@@ -9,11 +9,13 @@ ownership, links, ACLs, xattrs and file capabilities.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import logging
+import os
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,9 @@ GROW_SCRIPT = Path("usr/local/lib/otad/otad-grow-data")
 ELF_MACHINES = {0x3E: "amd64", 0xB7: "arm64", 0x28: "armhf", 0x03: "i386", 0xF3: "riscv64"}
 _CMDLINE = re.compile(r"^\s*GRUB_CMDLINE_LINUX(?:_DEFAULT)?=(.*)$", re.MULTILINE)
 _STAGING = "tmp/otad-convert-debs"  # in the root, while --deb packages install
+UPDATE_INITRAMFS_CONF = Path("etc/initramfs-tools/update-initramfs.conf")
+_INITRAMFS_PACKAGES = ("initramfs-tools", "initramfs-tools-core")  # own that conffile
+_INITRAMFS_DEFERRED = "update-initramfs: Not updating initramfs."  # what the trigger says
 _SAFE_ARG = re.compile(r"[A-Za-z0-9_./,:+=@-]+")
 
 
@@ -57,6 +62,9 @@ WRITTEN_PATHS = (
     f"etc/systemd/system/{GROW_UNIT}", "usr", "usr/local", "usr/local/lib",
     "usr/local/lib/otad", str(GROW_SCRIPT), "usr/sbin", "usr/sbin/policy-rc.d", "usr/lib",
     "usr/lib/grub", "usr/lib/grub/i386-pc", "tmp", "boot", "boot/efi", "data",
+    "etc/otad/watchdog", "etc/systemd/system.conf.d", "etc/initramfs-tools",
+    str(UPDATE_INITRAMFS_CONF),
+    "etc/systemd/system.conf.d/50-otad-watchdog.conf",
 )  # fmt: skip
 
 
@@ -233,10 +241,49 @@ def install_otad_config(
     conf.chmod(0o644)
 
 
-def install_debs(root: Path, debs: Sequence[Path]) -> None:
-    """Install `debs` with dpkg in a chroot of `root`, no network, no services started."""
+def install_debs(root: Path, debs: Sequence[Path], defer_initramfs: bool = False) -> bool:
+    """Install `debs` with dpkg in a chroot of `root`, no network, no services started.
+
+    With `defer_initramfs`, packages that ask initramfs-tools for a rebuild do not get one
+    (a new kernel's initramfs is still made); True when one asked, and the caller owes it.
+    """
     if not debs:
+        return False
+    with _initramfs_updates_deferred(root, debs, defer_initramfs) as deferred:
+        output = _install_debs(root, debs)
+    return deferred and _INITRAMFS_DEFERRED in output
+
+
+@contextlib.contextmanager
+def _initramfs_updates_deferred(root: Path, debs: Sequence[Path], defer: bool) -> Iterator[bool]:
+    """update_initramfs=no in update-initramfs.conf, which initramfs-tools documents as
+    "no update beside kernel upgrades", for the duration; the file restored byte for byte
+    (and its times). Not when a package would replace that conffile; yields whether set."""
+    conf = root / UPDATE_INITRAMFS_CONF
+    if (
+        not defer
+        or not conf.is_file()
+        or any(_package_of(deb) in _INITRAMFS_PACKAGES for deb in debs)
+    ):
+        yield False
         return
+    original = conf.read_bytes()
+    times = conf.stat()
+    conf.write_bytes(original + b"\n# otad-convert: while packages install\nupdate_initramfs=no\n")
+    log.debug("initramfs rebuilds deferred while packages install")
+    try:
+        yield True
+    finally:
+        conf.write_bytes(original)
+        os.utime(conf, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def _package_of(deb: Path) -> str:
+    return run(["dpkg-deb", "--field", deb, "Package"]).stdout.decode().strip()
+
+
+def _install_debs(root: Path, debs: Sequence[Path]) -> str:
+    """Install `debs` (see install_debs); what apt or dpkg printed."""
     staging = root / _STAGING
     staging.mkdir(parents=True)
     policy = root / "usr/sbin/policy-rc.d"
@@ -256,8 +303,8 @@ def install_debs(root: Path, debs: Sequence[Path]) -> None:
                 env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin"},
                 check=False,
             )
+        output = (result.stdout + result.stderr).decode("utf-8", "replace")
         if result.returncode != 0:
-            output = (result.stdout + result.stderr).decode("utf-8", "replace")
             raise PackageFailed(
                 f"{', '.join(deb.name for deb in debs)} did not install: {_dpkg_reason(output)}"
             )
@@ -265,6 +312,7 @@ def install_debs(root: Path, debs: Sequence[Path]) -> None:
         run(["rm", "-rf", staging])
         if not had_policy:
             policy.unlink(missing_ok=True)
+    return output
 
 
 def _install_command(root: Path, names: Sequence[str]) -> list[str]:

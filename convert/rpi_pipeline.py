@@ -163,6 +163,11 @@ def _change_root(
                 f"{len(keys.files)} trusted key(s) in /{rootfs.KEYS_DIR}",
                 f"{rpi.FIRMWARE_MOUNT} in the root holds the boot files, so artifacts carry them",
             ]
+            if options.watchdog:
+                # TODO: arm the watchdog early on the Pi too when its images boot an
+                # initramfs (its firmware and kernel boot straight into the root).
+                changes.append("watchdog: not armed by the image (Raspberry Pi OS boots "
+                               "without an initramfs, where otad arms it on PCs)")  # fmt: skip
 
 
 def _check_convertible(root: Path) -> str:

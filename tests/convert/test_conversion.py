@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from convert import grub
+from convert import grub, rootfs, watchdog
 from convert.layout import BIOS_BOOT_TYPE, ESP_TYPE, LINUX_TYPE
 from otad.artifact.reader import SignatureStatus, VerifyPolicy, verify_artifact
 from otad.bootloader.base import Slot, SlotBootState
@@ -120,6 +120,25 @@ def test_slot_is_configured_for_ab(conversion: Conversion, slot: str, tmp_path: 
     assert config.slots[Slot.B].root.value == parts["root-b"].uuid
     assert config.trusted_keys == (Path("/etc/otad/keys") / conversion.keys.public.name,)
     assert key == conversion.keys.public.read_bytes()
+
+
+def test_without_otads_initramfs_hook_only_systemd_arms_the_watchdog(
+    conversion: Conversion, tmp_path: Path
+) -> None:
+    parts = partitions(conversion.output)
+
+    with mounted_read_only(conversion.output, parts["root-a"], tmp_path / "slot") as root:
+        setting = (root / watchdog.SETTING).read_text()
+        drop_in = (root / watchdog.DROP_IN).read_text()
+        # Rebuilds were deferred while --deb installed, and the conffile put back as it was.
+        conf = (root / rootfs.UPDATE_INITRAMFS_CONF).read_bytes()
+        assert conf == (stock.stock_tree() / rootfs.UPDATE_INITRAMFS_CONF).read_bytes()
+
+    assert f"\nOTAD_WATCHDOG_SEC={watchdog.DEFAULT_TIMEOUT}\n" in setting
+    assert f"\nRuntimeWatchdogSec={watchdog.DEFAULT_TIMEOUT}s\n" in drop_in
+    # The conversion installs a test package, not otad: the report says what is missing.
+    assert f"not armed earlier: the image has no /{watchdog.HOOK}" in conversion.report
+    assert "armed only once systemd starts" in conversion.log
 
 
 @pytest.mark.parametrize("slot", ["root-a", "root-b"])

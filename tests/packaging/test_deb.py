@@ -185,6 +185,12 @@ def test_lintian_reports_no_errors_or_warnings(deb: Path) -> None:
     assert complaints == [], result.stdout
 
 
+def test_installing_the_initramfs_hook_rebuilds_the_initramfs(deb: Path) -> None:
+    triggers = run(["dpkg-deb", "--info", deb, "triggers"]).stdout
+
+    assert "activate-noawait update-initramfs" in triggers.splitlines()
+
+
 @pytest.fixture(scope="module")
 def installed(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chroot]:
     if os.geteuid() != 0:
@@ -272,6 +278,11 @@ def test_files_landed(installed: Chroot) -> None:
         "usr/share/man/man1/otad-convert.1.gz",
     ):
         assert (root / name).is_file(), name
+    for name in (
+        "usr/share/initramfs-tools/hooks/otad-watchdog",
+        "usr/share/initramfs-tools/scripts/init-top/otad-watchdog",
+    ):
+        assert os.access(root / name, os.X_OK), name
     conffiles = installed.run("dpkg-query", "-W", "-f", "${Conffiles}", "otad").stdout
     assert "/etc/otad/otad.conf" in conffiles
     assert "/etc/default/otad-health-example" in conffiles

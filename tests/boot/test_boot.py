@@ -62,6 +62,22 @@ def install_and_reboot(guest: harness.Guest, artifact: Path) -> None:
     guest.wait_reboot(boot, INSTALL)
 
 
+def boot_and_install(
+    boot: GuestFactory, release: Path, work: Path, firmware: str = "uefi"
+) -> tuple[harness.Guest, dict[str, object]]:
+    """Boot slot A with `release` on a media disk, install it with `otactl install
+    --reboot` and wait for otad after the reboot; the guest and `otactl status`. For a
+    release that cannot boot, that is once GRUB has given up on slot b."""
+    media = work / "media.img"
+    harness.make_media(release, media)
+    guest = boot(media, firmware)
+    guest.wait_shell()
+    wait_for_otad(guest)
+    mount_media(guest)
+    install_and_reboot(guest, release)
+    return guest, wait_for_otad(guest)
+
+
 def test_the_converted_image_boots_slot_a(boot: GuestFactory, firmware: str) -> None:
     guest = boot(firmware=firmware)
     guest.wait_shell()
@@ -82,15 +98,7 @@ def test_a_good_update_boots_slot_b_and_is_committed(
     release = harness.make_release(
         converted, tmp_path, "v2", {"/etc/otad-release-2": b"release 2\n"}
     )
-    media = tmp_path / "media.img"
-    harness.make_media(release, media)
-    guest = boot(media, firmware)
-    guest.wait_shell()
-    wait_for_otad(guest)
-    mount_media(guest)
-
-    install_and_reboot(guest, release)
-    status = wait_for_otad(guest)
+    guest, status = boot_and_install(boot, release, tmp_path, firmware)
 
     check_firmware(guest)
     assert guest.booted_slot_parameter() == "b", guest.failure("GRUB did not boot slot b")
@@ -115,15 +123,9 @@ def test_a_release_that_cannot_boot_falls_back_to_slot_a(
     converted: harness.Converted, boot: GuestFactory, tmp_path: Path, firmware: str
 ) -> None:
     release = harness.make_release(converted, tmp_path, "v3", {"/usr/sbin/init": BROKEN_INIT})
-    media = tmp_path / "media.img"
-    harness.make_media(release, media)
-    guest = boot(media, firmware)
-    guest.wait_shell()
-    wait_for_otad(guest)
-    mount_media(guest)
-
-    install_and_reboot(guest, release)  # comes back only once GRUB has given up on slot b
-    status = wait_for_otad(guest)
+    guest, status = boot_and_install(
+        boot, release, tmp_path, firmware
+    )  # comes back only once GRUB has given up on slot b
 
     console = harness.tail(guest.console_log, 100_000)
     assert "this release cannot boot" in console, guest.failure("slot b's init never ran")

@@ -20,7 +20,14 @@ import pytest
 from convert.watchdog import MIN_TIMEOUT
 from tests.boot import harness
 from tests.boot.conftest import GuestFactory
-from tests.boot.test_boot import INSTALL, MEDIA, install_and_reboot, mount_media, wait_for_otad
+from tests.boot.test_boot import (
+    INSTALL,
+    MEDIA,
+    boot_and_install,
+    install_and_reboot,
+    mount_media,
+    wait_for_otad,
+)
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow]
 
@@ -97,6 +104,18 @@ def slot_status(guest: harness.Guest, slot: str) -> object:
     return found["status"]
 
 
+def assert_fell_back(guest: harness.Guest, status: dict[str, object]) -> None:
+    """GRUB gave up on slot b's trial and booted slot a, and otad says so."""
+    assert guest.booted_slot_parameter() == "a", guest.failure("GRUB did not fall back")
+    assert status["booted_slot"] == "a", guest.failure(f"status: {status}")
+    assert status["current_artifact"] == harness.FIRST_RELEASE, guest.failure(f"{status}")
+    assert status["state"] == "idle", guest.failure(f"status: {status}")
+    assert "trial boot of slot b failed" in str(status["last_error"]), guest.failure(
+        f"status: {status}"
+    )
+    assert slot_status(guest, "b") == "bad", guest.failure(f"slots: {slots(guest)}")
+
+
 def test_a_release_failing_its_health_check_is_rolled_back(
     converted: harness.Converted, boot: GuestFactory, tmp_path: Path
 ) -> None:
@@ -170,15 +189,9 @@ def test_a_release_whose_kernel_freezes_is_reset_by_the_watchdog(
         },
     )  # fmt: skip
     release = harness.make_changed_release(converted, tmp_path, "v2", changes)
-    media = tmp_path / "media.img"
-    harness.make_media(release, media)
-    guest = boot(media)
-    guest.wait_shell()
-    wait_for_otad(guest)
-    mount_media(guest)
-
-    install_and_reboot(guest, release)  # comes back only once GRUB has given up on slot b
-    status = wait_for_otad(guest)
+    guest, status = boot_and_install(
+        boot, release, tmp_path
+    )  # comes back only once GRUB has given up on slot b
 
     console = harness.tail(guest.console_log, 100_000)
     assert "no armed watchdog" not in console, guest.failure("the watchdog was not armed")
@@ -192,14 +205,7 @@ def test_a_release_whose_kernel_freezes_is_reset_by_the_watchdog(
     # No panic reboot and no orderly restart: only the watchdog can have reset it.
     assert "Rebooting in" not in after, guest.failure("the kernel rebooted by itself")
     assert "reboot: Restarting system" not in after, guest.failure("an orderly reboot")
-    assert guest.booted_slot_parameter() == "a", guest.failure("GRUB did not fall back")
-    assert status["booted_slot"] == "a", guest.failure(f"status: {status}")
-    assert status["current_artifact"] == harness.FIRST_RELEASE, guest.failure(f"{status}")
-    assert status["state"] == "idle", guest.failure(f"status: {status}")
-    assert "trial boot of slot b failed" in str(status["last_error"]), guest.failure(
-        f"status: {status}"
-    )
-    assert slot_status(guest, "b") == "bad", guest.failure(f"slots: {slots(guest)}")
+    assert_fell_back(guest, status)
 
 
 # v2's initramfs, after init-top (where the image arms the watchdog), before the root is
@@ -278,15 +284,9 @@ def test_a_release_that_hangs_in_its_initramfs_is_reset_by_the_watchdog(
     hang = hang_archive(tmp_path)
     changes = harness.ReleaseChanges(edits={image: with_appended(hang) for image in images})
     release = harness.make_changed_release(converted, tmp_path, "v2", changes)
-    media = tmp_path / "media.img"
-    harness.make_media(release, media)
-    guest = boot(media)
-    guest.wait_shell()
-    wait_for_otad(guest)
-    mount_media(guest)
-
-    install_and_reboot(guest, release)  # comes back only once GRUB has given up on slot b
-    status = wait_for_otad(guest)
+    guest, status = boot_and_install(
+        boot, release, tmp_path
+    )  # comes back only once GRUB has given up on slot b
 
     console = harness.tail(guest.console_log, 100_000)
     pieces = boots(console)
@@ -310,14 +310,7 @@ def test_a_release_that_hangs_in_its_initramfs_is_reset_by_the_watchdog(
     assert " otad.slot=a" in back.splitlines()[0], guest.failure("the last boot is not slot a")
     assert ARMED.search(back), guest.failure("slot a's initramfs armed no watchdog")
     assert "systemd[1]: Using hardware watchdog" in back, guest.failure("systemd took no watchdog")
-    assert guest.booted_slot_parameter() == "a", guest.failure("GRUB did not fall back")
-    assert status["booted_slot"] == "a", guest.failure(f"status: {status}")
-    assert status["current_artifact"] == harness.FIRST_RELEASE, guest.failure(f"{status}")
-    assert status["state"] == "idle", guest.failure(f"status: {status}")
-    assert "trial boot of slot b failed" in str(status["last_error"]), guest.failure(
-        f"status: {status}"
-    )
-    assert slot_status(guest, "b") == "bad", guest.failure(f"slots: {slots(guest)}")
+    assert_fell_back(guest, status)
 
 
 def test_a_committed_release_is_rolled_back_on_request(
@@ -325,14 +318,7 @@ def test_a_committed_release_is_rolled_back_on_request(
 ) -> None:
     changes = harness.ReleaseChanges(files={"/etc/otad-release-2": b"release 2\n"})
     release = harness.make_changed_release(converted, tmp_path, "v2", changes)
-    media = tmp_path / "media.img"
-    harness.make_media(release, media)
-    guest = boot(media)
-    guest.wait_shell()
-    wait_for_otad(guest)
-    mount_media(guest)
-    install_and_reboot(guest, release)
-    status = wait_for_otad(guest)
+    guest, status = boot_and_install(boot, release, tmp_path)
     assert (status["booted_slot"], status["state"]) == ("b", "idle"), guest.failure(f"{status}")
     assert status["current_artifact"] == "v2", guest.failure(f"status: {status}")
 

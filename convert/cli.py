@@ -36,7 +36,6 @@ PROGRAM = "otad-convert"
 DEFAULTS: dict[str, Any] = {
     "storage_size": "8G",
     "data_size": "128M",
-    "device_type": "x86_64",
     "bootloader": "auto",
     "artifact_compression": "gzip",
     "watchdog": WATCHDOG_TIMEOUT,
@@ -70,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, required=True, help="image to write")
     parser.add_argument("--storage-size", help="size of the target medium (default 8G)")
     parser.add_argument("--data-size", help="initial size of the data partition (default 128M)")
-    parser.add_argument("--device-type", help="device type in otad.conf and the artifact")
+    parser.add_argument("--device-type", help="device type in otad.conf and the artifact "
+                        "(default x86_64 for a PC image, raspberrypi-ARCH for a Pi's)")  # fmt: skip
     parser.add_argument("--artifact-name", help="name of the first artifact (default: INPUT's)")
     parser.add_argument("--key", type=Path, help="private key (PEM) to sign the artifact with")
     parser.add_argument("--verify-key", type=Path, action="append", metavar="PUBLIC-KEY",
@@ -124,7 +124,7 @@ def options_from(args: argparse.Namespace) -> Options:
         output=args.output,
         storage_size=parse_size(settings["storage_size"], "--storage-size"),
         data_size=parse_size(settings["data_size"], "--data-size"),
-        device_type=str(settings["device_type"]),
+        device_type=settings.get("device_type"),
         artifact_name=str(name),
         key=Path(signing_key) if signing_key else None,
         verify_keys=tuple(Path(p) for p in settings["verify_key"]),

@@ -39,7 +39,7 @@ from convert.artifact import artifact_path, emit, release_of
 from convert.errors import NotSupportedYet
 from convert.fat import TOOLS as FAT_TOOLS
 from convert.fat import FatVolume
-from convert.layout import MIB, Plan, StockLayout
+from convert.layout import MIB, Partition, Plan, StockLayout
 from convert.mounts import loop_device, mounted
 from convert.report import Report
 from convert.watchdog import DEFAULT_TIMEOUT as WATCHDOG_TIMEOUT
@@ -60,6 +60,7 @@ DATA_LABEL = "data"
 ESP_LABEL = "ESP"  # of an ESP made for an MBR input
 ARTIFACT_COMPRESSIONS = ("gzip", "zstd", "none")
 HEARTBEAT = 10.0  # seconds between progress lines of a long phase
+DEFAULT_DEVICE_TYPE = "x86_64"  # of a PC image when --device-type does not say
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Options:
     output: Path
     storage_size: int  # bytes
     data_size: int  # bytes
-    device_type: str
+    device_type: str | None  # None: the layout's default (DEFAULT_DEVICE_TYPE, rpi's own)
     artifact_name: str
     key: Path | None = None
     verify_keys: tuple[Path, ...] = ()
@@ -154,6 +155,7 @@ def _convert(options: Options) -> Report:
             return convert_pi(options, keys, raw, table, work, output, artifact)
         if options.bootloader == "rpi-tryboot":
             raise UsageError(f"{options.input} is no Raspberry Pi image for rpi-tryboot to boot")
+        device_type = options.device_type or DEFAULT_DEVICE_TYPE
 
         with _phase("copying the root filesystem"):
             root_fs = work / "rootfs.ext4"
@@ -170,7 +172,9 @@ def _convert(options: Options) -> Report:
             esp, efi_binaries = _write_esp(raw, stock, disk, plan, changes)
             _write_swap(raw, stock, disk, plan, work, changes)
 
-        kernel, built = _change_root(options, keys, stock, plan, root_fs, disk, esp, work, changes)
+        kernel, built = _change_root(
+            options, device_type, keys, stock, plan, root_fs, disk, esp, work, changes
+        )
 
         with _phase("writing the slots"):
             _write_slots(root_fs, disk, plan)
@@ -188,19 +192,8 @@ def _convert(options: Options) -> Report:
                 f"slot table in {rootfs.ENV_DIR}, slot A good"
             )
 
-        with _phase("writing and verifying the artifact"):
-            partial_artifact = work / artifact.name
-            header = emit(root_fs, partial_artifact, options.artifact_name,
-                          options.device_type, keys.signer, keys.verifiers,
-                          compression=options.artifact_compression)  # fmt: skip
-
-        with _phase("formatting the data partition"):
-            content = work / "data"
-            StateStore(content / "otad").save(initial_state(Slot.A, release_of(header)))
-            filesystems.make_data(disk, plan.data, DATA_LABEL, content)
-            changes.append("data partition: otad/state.json says slot A runs the artifact")
-
-        _publish(disk, output, partial_artifact, artifact)
+        _finish(options, device_type, keys, root_fs, disk, plan.data, work, output, artifact,
+                changes)  # fmt: skip
     return Report(output, artifact, options.artifact_name, keys.signer is not None, plan, changes)
 
 
@@ -236,6 +229,7 @@ def _write_swap(
 
 def _change_root(
     options: Options,
+    device_type: str,
     keys: _Keys,
     stock: StockLayout,
     plan: Plan,
@@ -272,7 +266,7 @@ def _change_root(
             rootfs.rewrite_fstab(root, plan)
             rootfs.disable_root_growth(root)
             rootfs.install_data_growth(root)
-            rootfs.install_otad_config(root, plan, options.device_type, keys.files)
+            rootfs.install_otad_config(root, plan, device_type, keys.files)
             kernel = rootfs.find_kernel(root)
             changes += [
                 "fstab: / is /dev/root; ESP and /data by PARTUUID; x-systemd.growfs removed",
@@ -315,6 +309,36 @@ def _write_slots(root_fs: Path, disk: Path, plan: Plan) -> None:
         filesystems.set_uuid(root_fs, filesystems.new_uuid())
         with progress.track(f"writing slot {name}", sparse.data_bytes(root_fs)) as shown:
             sparse.copy_data(root_fs, disk, slot.offset, slot.bytes, shown.advance)
+
+
+def _finish(
+    options: Options,
+    device_type: str,
+    keys: _Keys,
+    root_fs: Path,
+    disk: Path,
+    data: Partition,
+    work: Path,
+    output: Path,
+    artifact: Path,
+    changes: list[str],
+) -> None:
+    """The last phases of every layout: the first artifact, made from the converted root
+    filesystem `root_fs`, the data partition saying slot A runs it, and both outputs
+    moved into place."""
+    with _phase("writing and verifying the artifact"):
+        partial_artifact = work / artifact.name
+        header = emit(root_fs, partial_artifact, options.artifact_name,
+                      device_type, keys.signer, keys.verifiers,
+                      compression=options.artifact_compression)  # fmt: skip
+
+    with _phase("formatting the data partition"):
+        content = work / "data"
+        StateStore(content / "otad").save(initial_state(Slot.A, release_of(header)))
+        filesystems.make_data(disk, data, DATA_LABEL, content)
+        changes.append("data partition: otad/state.json says slot A runs the artifact")
+
+    _publish(disk, output, partial_artifact, artifact)
 
 
 def _publish(disk: Path, output: Path, partial_artifact: Path, artifact: Path) -> None:

@@ -207,15 +207,21 @@ def install_data_growth(root: Path) -> None:
     (wants / GROW_UNIT).symlink_to(f"/etc/systemd/system/{GROW_UNIT}")
 
 
-def render_otad_conf(plan: Plan, device_type: str, key_names: Sequence[str]) -> str:
-    """otad.conf for the new layout (parsed back by the tests with otad.config)."""
+def otad_conf_head(device_type: str, key_names: Sequence[str]) -> str:
+    """The top-level keys of otad.conf that every layout writes alike."""
     keys = ", ".join(f'"/{KEYS_DIR}/{name}"' for name in key_names)
     return (
         "# Written by otad-convert.\n"
         f'device_type = "{device_type}"\n'
         f'data_dir = "{DATA_DIR}"\n'
         f"trusted_keys = [{keys}]\n"
-        "\n[bootloader]\n"
+    )
+
+
+def render_otad_conf(plan: Plan, device_type: str, key_names: Sequence[str]) -> str:
+    """otad.conf for the new layout (parsed back by the tests with otad.config)."""
+    return (
+        otad_conf_head(device_type, key_names) + "\n[bootloader]\n"
         'backend = "grub"\n'
         f'env_dir = "{ESP_MOUNT}/{ENV_DIR}"\n'
         "\n[slots.a]\n"
@@ -228,17 +234,27 @@ def render_otad_conf(plan: Plan, device_type: str, key_names: Sequence[str]) -> 
 def install_otad_config(
     root: Path, plan: Plan, device_type: str, keys: Sequence[tuple[str, bytes]]
 ) -> None:
-    """Write /etc/otad/otad.conf and the trusted public keys in /etc/otad/keys."""
+    """Write /etc/otad/otad.conf for the GPT layout and the trusted keys in /etc/otad/keys."""
+    check_device_type(device_type)
+    write_otad_config(root, render_otad_conf(plan, device_type, [n for n, _ in keys]), keys)
+
+
+def check_device_type(device_type: str) -> None:
+    """Refuse a device type that otad.conf's quoted string could not hold as it is."""
     if '"' in device_type or "\\" in device_type or not device_type.strip():
         raise UsageError(f"device type {device_type!r} must be a plain, non-empty word")
+
+
+def write_otad_config(root: Path, conf: str, keys: Sequence[tuple[str, bytes]]) -> None:
+    """Write `conf` as /etc/otad/otad.conf and each (name, PEM) key into /etc/otad/keys."""
     directory = root / KEYS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     for name, pem in keys:
         (directory / name).write_bytes(pem)
         (directory / name).chmod(0o644)
-    conf = root / OTAD_CONF
-    conf.write_text(render_otad_conf(plan, device_type, [name for name, _ in keys]))
-    conf.chmod(0o644)
+    path = root / OTAD_CONF
+    path.write_text(conf)
+    path.chmod(0o644)
 
 
 def install_debs(root: Path, debs: Sequence[Path], defer_initramfs: bool = False) -> bool:

@@ -22,11 +22,15 @@ from convert.errors import ImageError, NotSupportedYet
 from convert.fat import MTOOLS_ENV
 from convert.layout import Partition
 from convert.mbr import BOOT_A, BOOT_B, MbrPlan
-from convert.rootfs import DATA_DIR, DATA_MOUNT, KEYS_DIR, OTAD_CONF
+from convert.rootfs import (
+    DATA_MOUNT,
+    check_device_type,
+    otad_conf_head,
+    write_otad_config,
+)
 from otad.bootloader.base import Slot
 from otad.bootloader.rpi import AUTOBOOT, RpiTrybootBootloader
 from otad.bootsync import sync_boot_partition
-from otad.errors import UsageError
 from otad.process import run
 
 log = logging.getLogger(__name__)
@@ -258,13 +262,8 @@ def copy_boot_files(boot_files: Path, root: Path, cmdline: str) -> None:
 
 def render_otad_conf(plan: MbrPlan, device_type: str, key_names: Sequence[str]) -> str:
     """otad.conf for the Pi layout: the rpi-tryboot backend and a boot partition per slot."""
-    keys = ", ".join(f'"/{KEYS_DIR}/{name}"' for name in key_names)
     return (
-        "# Written by otad-convert.\n"
-        f'device_type = "{device_type}"\n'
-        f'data_dir = "{DATA_DIR}"\n'
-        f"trusted_keys = [{keys}]\n"
-        "\n[bootloader]\n"
+        otad_conf_head(device_type, key_names) + "\n[bootloader]\n"
         'backend = "rpi-tryboot"\n'
         f'boot_dir = "{AUTOBOOT_MOUNT}"\n'
         f"partition_a = {BOOT_A}\n"
@@ -282,16 +281,8 @@ def install_otad_config(
     root: Path, plan: MbrPlan, device_type: str, keys: Sequence[tuple[str, bytes]]
 ) -> None:
     """Write /etc/otad/otad.conf for the Pi layout and the trusted keys in /etc/otad/keys."""
-    if '"' in device_type or "\\" in device_type or not device_type.strip():
-        raise UsageError(f"device type {device_type!r} must be a plain, non-empty word")
-    directory = root / KEYS_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, pem in keys:
-        (directory / name).write_bytes(pem)
-        (directory / name).chmod(0o644)
-    conf = root / OTAD_CONF
-    conf.write_text(render_otad_conf(plan, device_type, [name for name, _ in keys]))
-    conf.chmod(0o644)
+    check_device_type(device_type)
+    write_otad_config(root, render_otad_conf(plan, device_type, [n for n, _ in keys]), keys)
 
 
 def make_boot_partition(rootfs: Path, plan: MbrPlan, slot: Slot, disk: Path, work: Path) -> int:

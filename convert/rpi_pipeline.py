@@ -16,18 +16,16 @@ import logging
 from pathlib import Path
 
 from convert import emulation, filesystems, mbr, rootfs, rpi
-from convert.artifact import emit, release_of
 from convert.errors import AlreadyConverted, ImageError
 from convert.layout import MIB, Table
 from convert.mbr import MbrPlan
 from convert.mounts import loop_device, mounted
-from convert.pipeline import DATA_LABEL, Options, _added_bytes, _Keys, _phase, _publish
+from convert.pipeline import Options, _added_bytes, _finish, _Keys, _phase
 from convert.report import Report
 from otad.bootloader.base import Slot
 from otad.bootsync import TOOLS as BOOTSYNC_TOOLS
 from otad.errors import UsageError
 from otad.process import require_tools
-from otad.state import StateStore, initial_state
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ def convert_pi(
         mbr.check_slot_fits(plan, needed, options.storage_size)
         filesystems.resize(root_fs, plan.slot_a.bytes)
 
-    _change_root(options, keys, plan, root_fs, boot_files, cmdline, work, changes)
+    device_type = _change_root(options, keys, plan, root_fs, boot_files, cmdline, work, changes)
 
     with _phase("writing the MBR and the slots"):
         disk = work / "output.img"
@@ -98,19 +96,8 @@ def convert_pi(
             f"boot_partition={plan.boot_a.number} (slot A), trial [tryboot] section"
         )
 
-    with _phase("writing and verifying the artifact"):
-        partial_artifact = work / artifact.name
-        header = emit(root_fs, partial_artifact, options.artifact_name,
-                      options.device_type, keys.signer, keys.verifiers,
-                      compression=options.artifact_compression)  # fmt: skip
-
-    with _phase("formatting the data partition"):
-        content = work / "data"
-        StateStore(content / "otad").save(initial_state(Slot.A, release_of(header)))
-        filesystems.make_data(disk, plan.data, DATA_LABEL, content)
-        changes.append("data partition: otad/state.json says slot A runs the artifact")
-
-    _publish(disk, output, partial_artifact, artifact)
+    _finish(options, device_type, keys, root_fs, disk, plan.data, work, output, artifact,
+            changes)  # fmt: skip
     return Report(output, artifact, options.artifact_name, keys.signer is not None, plan, changes)
 
 
@@ -123,12 +110,14 @@ def _change_root(
     cmdline: rpi.CmdlineChange,
     work: Path,
     changes: list[str],
-) -> None:
-    """Every change inside the root filesystem."""
+) -> str:
+    """Every change inside the root filesystem; the device type, `options.device_type`
+    or, when that is None, "raspberrypi-" and the root's Debian architecture."""
     with contextlib.ExitStack() as stack:
         device = stack.enter_context(loop_device(root_fs))
         root = stack.enter_context(mounted(device, work / "root"))
         architecture = _check_convertible(root)
+        device_type = options.device_type or f"raspberrypi-{architecture}"
         if options.debs:
             with _phase("installing packages"):
                 emulation.enable(architecture, root)
@@ -147,7 +136,7 @@ def _change_root(
             rootfs.disable_root_growth(root)
             rootfs.install_data_growth(root)
             rpi.install_host_keys_unit(root)
-            rpi.install_otad_config(root, plan, options.device_type, keys.files)
+            rpi.install_otad_config(root, plan, device_type, keys.files)
             rpi.copy_boot_files(boot_files, root, cmdline.text)
             changes += [
                 f"cmdline.txt: root={plan.partuuid(plan.slot_a)} (each boot partition its "
@@ -168,6 +157,7 @@ def _change_root(
                 # initramfs (its firmware and kernel boot straight into the root).
                 changes.append("watchdog: not armed by the image (Raspberry Pi OS boots "
                                "without an initramfs, where otad arms it on PCs)")  # fmt: skip
+    return device_type
 
 
 def _check_convertible(root: Path) -> str:

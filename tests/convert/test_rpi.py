@@ -38,7 +38,14 @@ from tests.convert.conftest import (
 )
 
 STORAGE = "1600M"
-DEVICE_TYPE = "raspberrypi4"
+DEVICE_TYPE = "raspberrypi4"  # given to the arm64 conversion; the armhf one takes the default
+
+
+def device_type(architecture: str) -> str:
+    """The device type the conversion of `architecture` must write."""
+    return DEVICE_TYPE if architecture == "arm64" else f"raspberrypi-{architecture}"
+
+
 PI_TOOLS = ("qemu-aarch64-static", "qemu-arm-static", "update-binfmts", "debugfs", "mdel")
 STOCK_BOOT_LABEL = "bootfs"
 
@@ -79,7 +86,8 @@ def convert_pi(architecture: str, work: Path, keys: KeyPair, *extra: str | Path)
     output = work / "pi.img"
     started = time.monotonic()
     result = otad_convert(
-        image, "-o", output, "--storage-size", STORAGE, "--device-type", DEVICE_TYPE,
+        image, "-o", output, "--storage-size", STORAGE,
+        *(["--device-type", DEVICE_TYPE] if architecture == "arm64" else []),
         "--artifact-name", f"pi-{architecture}-1", "--key", keys.private,
         "--verify-key", keys.public, *_deb_options(debs), *extra,
     )  # fmt: skip
@@ -315,7 +323,7 @@ def test_otad_conf_describes_the_layout(pi: PiConversion, slot_a_root: Path) -> 
     assert dict(config.bootloader.options) == {
         "boot_dir": "/boot/autoboot", "partition_a": 2, "partition_b": 3
     }  # fmt: skip
-    assert config.device_type == DEVICE_TYPE
+    assert config.device_type == device_type(pi.architecture)
     for slot, root, boot in ((Slot.A, 5, 2), (Slot.B, 6, 3)):
         assert config.slots[slot].root.kind is RefKind.PARTUUID
         assert str(config.slots[slot].root) == f"PARTUUID={disk_id}-{root:02d}"
@@ -443,7 +451,7 @@ def test_the_artifact_verifies_and_is_slot_a(pi: PiConversion) -> None:
         header, files = verify_artifact(stream, VerifyPolicy(keys=(pi.keys.verifier,)))
 
     assert header.signature is SignatureStatus.VERIFIED
-    assert header.compatible_devices == (DEVICE_TYPE,)
+    assert header.compatible_devices == (device_type(pi.architecture),)
     assert files[0].size == parts[5].bytes
     assert files[0].checksum == sha256(pi.output, parts[5].offset, parts[5].bytes)
     assert sha256(pi.stock) == pi.stock_sha256  # the input was never written

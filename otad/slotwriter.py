@@ -15,7 +15,9 @@ two intervals.
 Blocks that already hold the right bytes are not rewritten: a reinstall of the same
 release, or of one that shares most blocks, wears the flash less and finishes sooner.
 Comparing costs a read, so after a run of blocks that differ (a fresh slot) the writer
-compares only now and then, and returns to comparing every block when one matches.
+compares only now and then, and returns to comparing every block when one matches. A
+compare first reads the block's first page only and reads the rest only if that page
+matches: a block that differs, the common case on a fresh slot, costs one small read.
 
 Writes run on their own thread, so that the medium works while the artifact reader
 decompresses and hashes the next block.
@@ -98,6 +100,9 @@ class SlotWriter:
         self._queue: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
         self._buffer_size = 0
+        # The writer thread's buffer for reading blocks back (_holds), reused: a fresh
+        # mapping per compare would fault in and zero every page of it each time.
+        self._scratch: mmap.mmap | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         # The flusher's work: fsync once the writer asked for a watermark beyond `synced`.
@@ -140,6 +145,9 @@ class SlotWriter:
     ) -> None:
         self._stop()
         os.close(self._descriptor)
+        if self._scratch is not None:
+            self._scratch.close()
+            self._scratch = None
 
     def write(self, block: bytes | memoryview) -> None:
         """Queue `block` for the next offset; raises the writer thread's error, if any."""
@@ -276,11 +284,29 @@ class SlotWriter:
         return length - length % _ALIGNMENT
 
     def _holds(self, offset: int, expected: memoryview) -> bool:
-        """True when the slot already has `expected` at `offset`."""
+        """True when the slot already has `expected` at `offset`.
+
+        The first page is read and compared on its own first: when it differs, as it does
+        for nearly every block of a fresh or different slot, the other 255 pages of a
+        1 MiB block are never read.
+        """
         size = -(-len(expected) // _ALIGNMENT) * _ALIGNMENT
-        with mmap.mmap(-1, size) as scratch:
-            count = os.preadv(self._descriptor, [scratch], offset)
-            return count >= len(expected) and memoryview(scratch)[: len(expected)] == expected
+        if self._scratch is None or len(self._scratch) < size:
+            if self._scratch is not None:
+                self._scratch.close()
+            self._scratch = mmap.mmap(-1, size)
+        with memoryview(self._scratch) as scratch:
+            head = min(_ALIGNMENT, len(expected))
+            if size > _ALIGNMENT:
+                count = os.preadv(self._descriptor, [scratch[:_ALIGNMENT]], offset)
+                if count < head or not _same(scratch[:head], expected[:head]):
+                    return False
+                rest = os.preadv(self._descriptor, [scratch[_ALIGNMENT:size]], offset + _ALIGNMENT)
+                count += rest
+            else:
+                count = os.preadv(self._descriptor, [scratch[:size]], offset)
+            length = len(expected)
+            return count >= length and _same(scratch[:length], expected)
 
     def _write_tail(self, tail: memoryview, offset: int) -> None:
         """The unaligned end of the image, through a buffered descriptor."""
@@ -297,6 +323,21 @@ class SlotWriter:
             count = os.pwrite(descriptor, view, offset)
             view = view[count:]
             offset += count
+
+
+def _same(first: memoryview, second: memoryview) -> bool:
+    """True when two byte views of the same length hold the same bytes.
+
+    memoryview's `==` compares byte by byte in Python's item-unpacking loop (about
+    0.8 ms per MiB); seen as 8-byte words, the same comparison is several times faster,
+    and it copies nothing, unlike `bytes(first) == bytes(second)`.
+    """
+    if len(first) != len(second):
+        return False
+    words = len(first) - len(first) % 8
+    if words and first[:words].cast("Q") != second[:words].cast("Q"):
+        return False
+    return first[words:].tobytes() == second[words:].tobytes()
 
 
 def read_back_sha256(device: Path, size: int) -> str:

@@ -208,10 +208,13 @@ class _FileAdapter:
     def __init__(self, source: Readable) -> None:
         self._source = source
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> bytearray:
+        # A fresh bytearray each time (zstandard keeps the last one as its input), cut
+        # to size in place: no second copy of the data.
         buffer = bytearray(size if size > 0 else _INPUT_SIZE)
         count = self._source.readinto(memoryview(buffer)) or 0
-        return bytes(buffer[:count])
+        del buffer[count:]
+        return buffer
 
 
 _ZSTD_MAGIC = 0xFD2FB528
@@ -315,7 +318,9 @@ class _ZstdFrames:
                 if not self._fill(1):
                     raise TruncatedArtifact(f"{self._what}: compressed stream ends early")
             take = min(self._left, len(buffer) - filled, len(self._buffer))
-            buffer[filled : filled + take] = self._buffer[:take]
+            # Through a view: slicing the bytearray itself would copy the bytes twice.
+            with memoryview(self._buffer) as buffered:
+                buffer[filled : filled + take] = buffered[:take]
             del self._buffer[:take]
             filled += take
             self._left -= take

@@ -76,7 +76,9 @@ class Prefetcher:
     The thread does the reading (and, for a decompressing source, the decompression)
     while the caller hashes and hands on the previous block. zlib, lzma, zstandard and
     hashlib all release the GIL on large buffers, so the two really run in parallel.
-    Memory stays bounded: at most `depth` blocks wait in the queue.
+    Memory stays bounded: at most `depth` blocks wait in the queue. Blocks the caller has
+    used up go back to a pool the thread fills again: a new 1 MiB bytearray per block
+    would be zeroed first (a wasted pass over memory) and then filled.
     """
 
     def __init__(self, source: Readable, block_size: int = BLOCK_SIZE, depth: int = 4) -> None:
@@ -85,6 +87,8 @@ class Prefetcher:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._current = memoryview(b"")
+        self._current_block: bytearray | None = None
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._finished = False
         self._thread = threading.Thread(target=self._run, name="otad-prefetch", daemon=True)
         self._thread.start()
@@ -101,9 +105,12 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                block = bytearray(self._block_size)
+                try:
+                    block = self._free.get_nowait()
+                except queue.Empty:
+                    block = bytearray(self._block_size)
                 count = read_into_fully(self._source, memoryview(block))
-                if count and not self._put(memoryview(block)[:count]):
+                if count and not self._put((block, count)):
                     return
                 if count < self._block_size:
                     self._put(_END)
@@ -113,6 +120,10 @@ class Prefetcher:
 
     def readinto(self, buffer: memoryview, /) -> int:
         while not self._current:
+            if self._current_block is not None:
+                self._current.release()  # no view left on it, so the thread may refill it
+                self._free.put(self._current_block)
+                self._current_block = None
             if self._finished:
                 return 0
             item = self._queue.get()
@@ -122,8 +133,12 @@ class Prefetcher:
             if isinstance(item, BaseException):
                 self._finished = True
                 raise item
-            assert isinstance(item, memoryview)
-            self._current = item
+            assert isinstance(item, tuple)
+            block, length = item
+            assert isinstance(block, bytearray)
+            assert isinstance(length, int)
+            self._current_block = block
+            self._current = memoryview(block)[:length]
         count = min(len(buffer), len(self._current))
         buffer[:count] = self._current[:count]
         self._current = self._current[count:]

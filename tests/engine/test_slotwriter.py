@@ -48,6 +48,21 @@ def test_rewrite_skips_blocks_already_right(disk: Disk) -> None:
         assert device.read(len(second)) == bytes(second)
 
 
+def test_a_block_that_differs_only_after_its_first_page_is_rewritten(disk: Disk) -> None:
+    first = _image(6, 4)  # the last block is BLOCK - 123 bytes: not a whole number of words
+    _write(disk, first)
+    second = bytearray(first)
+    second[BLOCK + 4096] ^= 0xFF  # block 1: its first page (compared first) is the same
+    second[-1] ^= 0xFF  # the last byte of the image, past its last whole 8-byte word
+
+    writer = _write(disk, bytes(second))
+
+    assert writer.written == BLOCK + (BLOCK - 123)
+    assert writer.skipped == 2 * BLOCK
+    with disk.partitions["b"].open("rb") as device:
+        assert device.read(len(second)) == bytes(second)
+
+
 def test_after_differing_blocks_it_probes_and_finds_matching_ones(disk: Disk) -> None:
     small = 64 * 1024
     old = random.Random(2).randbytes(300 * small)

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from otad.artifact.compression import Compression
-from otad.artifact.reader import verify_artifact
+from otad.artifact.reader import PayloadFile, verify_artifact
+from otad.artifact.writer import MEMBER_CHUNKS as DEFAULT_MEMBER_CHUNKS
 from otad.artifact.writer import ArtifactSpec, rootfs_image, write_artifact
 from otad.bootloader.base import Slot
 from otad.download import DownloadError, DownloadSettings, HttpSource
@@ -59,6 +60,30 @@ class Big:
         return self.path.stat().st_size
 
 
+def _write_signed(
+    image: Path,
+    path: Path,
+    name: str,
+    compression: Compression,
+    keys: dict[str, KeyPair],
+    member_chunks: int = DEFAULT_MEMBER_CHUNKS,
+) -> PayloadFile:
+    """Write `image` as the ECDSA-signed rootfs artifact `path` named `name` (its last
+    character the software version); what verifying it says of the image file."""
+    spec = ArtifactSpec(
+        name=name,
+        device_types=("otad-test",),
+        payload=rootfs_image(image, software_version=name[-1], chunk_size=CHUNK_SIZE),
+        compression=compression,
+        member_chunks=member_chunks,
+        signer=keys["ecdsa"].signer,
+    )
+    write_artifact(spec, path)
+    with path.open("rb") as stream:
+        _, files = verify_artifact(stream)
+    return files[0]
+
+
 @pytest.fixture(scope="session")
 def big(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, KeyPair]) -> dict[str, Big]:
     """Two signed uncompressed artifacts of 6 MiB random images, release-4 and release-5."""
@@ -67,17 +92,8 @@ def big(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, KeyPair]) -> d
     for name, seed in (("release-4", 4), ("release-5", 5)):
         image = directory / f"{name}.img"
         image.write_bytes(random.Random(seed).randbytes(BIG))
-        spec = ArtifactSpec(
-            name=name,
-            device_types=("otad-test",),
-            payload=rootfs_image(image, software_version=name[-1], chunk_size=CHUNK_SIZE),
-            compression=Compression.NONE,
-            signer=keys["ecdsa"].signer,
-        )
-        path = write_artifact(spec, directory / f"{name}.mender").path
-        with path.open("rb") as stream:
-            _, files = verify_artifact(stream)
-        offset = files[0].artifact_offset
+        path = directory / f"{name}.mender"
+        offset = _write_signed(image, path, name, Compression.NONE, keys).artifact_offset
         assert offset is not None
         made[name] = Big(path, image.read_bytes(), offset)
     return made
@@ -114,20 +130,10 @@ def packed(
     ):
         image = directory / f"{key}.img"
         image.write_bytes(content)
-        spec = ArtifactSpec(
-            name="release-4",
-            device_types=("otad-test",),
-            payload=rootfs_image(image, software_version="4", chunk_size=CHUNK_SIZE),
-            compression=compression,
-            member_chunks=MEMBER_CHUNKS,
-            signer=keys["ecdsa"].signer,
-        )
-        path = write_artifact(spec, directory / f"release-4-{key}.mender").path
-        with path.open("rb") as stream:
-            _, files = verify_artifact(stream)
-        offset = files[0].member_offset
-        assert offset is not None
-        made[key] = Packed(path, content, offset)
+        path = directory / f"release-4-{key}.mender"
+        written = _write_signed(image, path, "release-4", compression, keys, MEMBER_CHUNKS)
+        assert written.member_offset is not None
+        made[key] = Packed(path, content, written.member_offset)
     return made
 
 

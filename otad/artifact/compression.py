@@ -15,10 +15,12 @@ what lets an interrupted download of a compressed image resume (otad.resume).
 
 from __future__ import annotations
 
+import collections
 import enum
 import lzma
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, BinaryIO, NamedTuple, Protocol, cast
 
 import zstandard
@@ -395,26 +397,51 @@ class CompressingWriter:
 
     `start_members_at(offsets)` ends the current gzip member, xz stream or zstd frame
     and starts a new one at each of those offsets of the uncompressed stream.
+
+    With `threads` above 1, every member whose end is planned (and is at most
+    `MAX_BUFFERED_MEMBER` away) is gathered whole and compressed on a pool of that many
+    threads (zlib, lzma and zstandard release the GIL while they work), the results
+    written in order, at most `threads` members ahead of the sink. A member with no
+    planned end, such as the last, goes through one encoder as it comes. The bytes are
+    the same for any number of threads: each member is compressed by a fresh encoder from
+    the same input, and these encoders' output does not depend on how it is fed. A member
+    of zeros only (free space of a filesystem image) is compressed once per size and
+    reused. Call `close()` (or use the writer as a context manager) to stop the pool when
+    writing ends early.
     """
 
-    def __init__(self, sink: BinaryIO, compression: Compression, level: int | None = None) -> None:
+    def __init__(
+        self,
+        sink: BinaryIO,
+        compression: Compression,
+        level: int | None = None,
+        threads: int = 1,
+    ) -> None:
         self._sink = sink
         self._compression = compression
         self._level = level
-        self._encoder = self._new_encoder()
         self.position = 0  # uncompressed bytes written
         self._starts: list[int] = []
+        parallel = threads > 1 and compression is not Compression.NONE
+        self._pool = ThreadPoolExecutor(threads, "compress") if parallel else None
+        self._ahead = threads
+        self._results: collections.deque[Future[bytes]] = collections.deque()
+        self._zero_members: dict[int, bytes] = {}  # compressed, by uncompressed size
+        self._zero_block = b""
+        # The member being written: gathered in `_gathered` (for the pool) or streamed
+        # through `_encoder`; `_fresh` while nothing of it has been written yet.
+        self._gathered: bytearray | None = None
+        self._encoder = self._new_encoder()
+        self._fresh = True
+
+    def __enter__(self) -> CompressingWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _new_encoder(self) -> _Encoder | None:
-        level = self._level
-        if self._compression is Compression.NONE:
-            return None
-        if self._compression is Compression.GZIP:
-            # wbits 31 writes a gzip header with mtime 0 and no file name: reproducible.
-            return zlib.compressobj(6 if level is None else level, zlib.DEFLATED, 31)
-        if self._compression is Compression.XZ:
-            return lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=6 if level is None else level)
-        return zstandard.ZstdCompressor(level=3 if level is None else level).compressobj()
+        return _new_encoder(self._compression, self._level)
 
     def start_members_at(self, offsets: Iterable[int]) -> None:
         """Start a new member at each offset (ahead of `position`) as writing reaches it."""
@@ -422,6 +449,8 @@ class CompressingWriter:
         if starts and starts[0] <= self.position:
             raise UsageError(f"member start {starts[0]} is not ahead of {self.position}")
         self._starts = starts[::-1]
+        if self._fresh:
+            self._begin_member()
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -436,16 +465,95 @@ class CompressingWriter:
         if not view:
             return
         self.position += len(view)
-        if self._encoder is None:
+        self._fresh = False
+        if self._gathered is not None:
+            self._gathered += view
+        elif self._encoder is None:
             self._sink.write(view)
         else:
             self._sink.write(self._encoder.compress(bytes(view)))
 
-    def _end_member(self) -> None:
-        if self._encoder is not None:
-            self._sink.write(self._encoder.flush())
+    def _begin_member(self) -> None:
+        """Choose how the member starting at `position` is compressed."""
+        self._fresh = True
+        end = self._starts[-1] if self._starts else None
+        if (
+            self._pool is not None
+            and end is not None
+            and end - self.position <= MAX_BUFFERED_MEMBER
+        ):
+            self._gathered = bytearray()
+            self._encoder = None
+        else:
+            self._gathered = None
             self._encoder = self._new_encoder()
 
+    def _end_member(self) -> None:
+        if self._gathered is not None:
+            self._submit(self._gathered)
+        elif self._encoder is not None:
+            self._sink.write(self._encoder.flush())
+        self._begin_member()
+        if self._gathered is None:  # what follows is streamed: the pool's members first
+            self._drain(0)
+
+    def _submit(self, member: bytearray) -> None:
+        assert self._pool is not None
+        result: Future[bytes] = Future()
+        size = len(member)
+        if size in self._zero_members and member == self._zeros(size):
+            result.set_result(self._zero_members[size])
+        else:
+            result = self._pool.submit(_compress_member, self._compression, self._level, member)
+            if size not in self._zero_members and member == self._zeros(size):
+                self._zero_members[size] = result.result()
+        self._results.append(result)
+        self._drain(self._ahead)
+
+    def _zeros(self, size: int) -> bytes:
+        if len(self._zero_block) != size:
+            self._zero_block = bytes(size)  # members mostly share one size
+        return self._zero_block
+
+    def _drain(self, keep: int) -> None:
+        """Write finished members, in order, until at most `keep` are outstanding."""
+        while len(self._results) > keep:
+            self._sink.write(self._results.popleft().result())
+
     def finish(self) -> None:
+        if self._gathered is not None:
+            self._submit(self._gathered)
+            self._gathered = None
+        self._drain(0)
         if self._encoder is not None:
             self._sink.write(self._encoder.flush())
+            self._encoder = None
+        self.close()
+
+    def close(self) -> None:
+        """Stop the pool; members not yet written are dropped."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._results.clear()
+
+
+# Input of a member that the pool compresses is held in memory in full: bounded by this.
+MAX_BUFFERED_MEMBER = 64 << 20
+
+
+def _new_encoder(compression: Compression, level: int | None) -> _Encoder | None:
+    if compression is Compression.NONE:
+        return None
+    if compression is Compression.GZIP:
+        # wbits 31 writes a gzip header with mtime 0 and no file name: reproducible.
+        return zlib.compressobj(6 if level is None else level, zlib.DEFLATED, 31)
+    if compression is Compression.XZ:
+        return lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=6 if level is None else level)
+    return zstandard.ZstdCompressor(level=3 if level is None else level).compressobj()
+
+
+def _compress_member(compression: Compression, level: int | None, member: bytearray) -> bytes:
+    """One whole member, by a fresh encoder: the same bytes as streaming it would give."""
+    encoder = _new_encoder(compression, level)
+    assert encoder is not None
+    return encoder.compress(member) + encoder.flush()

@@ -3,6 +3,8 @@
 The writer reads each payload file twice: once to learn its size, SHA-256 and chunk
 index (which go into the signed header, ahead of the data), and once to stream it into
 the compressed data archive, hashing again to catch a file that changed in between.
+The first read hashes the chunk index on a second thread; the second compresses the
+members on a thread per CPU (`ArtifactSpec.threads`), with the same bytes as one thread.
 Output goes to a temporary file beside the target and is renamed into place only when
 complete, so a failed write never leaves a partial artifact behind.
 
@@ -28,6 +30,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -100,6 +103,7 @@ class ArtifactSpec:
     compression: Compression = Compression.GZIP
     level: int | None = None  # of the payload data's compression; None: its default
     member_chunks: int = MEMBER_CHUNKS  # chunks per compressed member; 0: one member only
+    threads: int = 0  # compressing members in parallel; 0: one per CPU this process may use
     signer: Signer | None = None
     mtime: int = 0
 
@@ -188,22 +192,35 @@ class WrittenArtifact:
 
 
 def _scan(path: Path, name: str, chunk_size: int | None) -> _ScannedFile:
+    """Size, SHA-256 and chunk index of a payload file, in one read.
+
+    The chunk index is hashed on a thread of its own, one block behind the whole file's
+    SHA-256 (hashlib releases the GIL), so two blocks take turns as the read buffer.
+    """
     whole = hashlib.sha256()
     chunks = ChunkHasher(chunk_size) if chunk_size else None
     size = 0
-    buffer = memoryview(bytearray(BLOCK_SIZE))
-    with _open_input(path) as stream:
-        while count := stream.readinto(buffer):
-            whole.update(buffer[:count])
+    buffers = [memoryview(bytearray(BLOCK_SIZE)) for _ in range(2)]
+    with _open_input(path) as stream, ThreadPoolExecutor(1, "chunk-index") as pool:
+        hashing: Future[None] | None = None
+        turn = 0
+        while count := stream.readinto(buffers[turn]):
+            block = buffers[turn][:count]
+            whole.update(block)
             if chunks is not None:
-                chunks.update(buffer[:count])
+                if hashing is not None:
+                    hashing.result()  # done with the other buffer, which is read next
+                hashing = pool.submit(chunks.update, block)
             size += count
+            turn ^= 1
+        if hashing is not None:
+            hashing.result()
     return _ScannedFile(path, name, size, whole.hexdigest(), chunks.finish() if chunks else None)
 
 
 def _open_input(path: Path) -> io.BufferedReader:
     try:
-        if not path.is_file():
+        if not (path.is_file() or path.is_block_device()):  # a device: read to its end
             raise UsageError(f"payload file {path} is not a regular file")
         return path.open("rb")
     except OSError as error:
@@ -287,18 +304,21 @@ def _read_small(path: Path) -> bytes:
 
 def _write_data(out: BinaryIO, spec: ArtifactSpec, files: Sequence[_ScannedFile]) -> None:
     """Stream the payload files into the compressed data archive, checking each again."""
-    compressor = CompressingWriter(out, spec.compression, spec.level)
-    inner = TarWriter(compressor, spec.mtime)
-    for scanned in files:
-        if spec.compression is not Compression.NONE:
-            _plan_members(compressor, scanned, spec)
-        with _open_input(scanned.path) as stream:
-            hashing = _HashingReader(stream)
-            inner.add_stream(scanned.name, scanned.size, hashing)
-            if hashing.sha256.hexdigest() != scanned.sha256 or stream.read(1):
-                raise EnvironmentProblem(f"payload file {scanned.path} changed while being written")
-    inner.close()
-    compressor.finish()
+    threads = spec.threads or len(os.sched_getaffinity(0))
+    with CompressingWriter(out, spec.compression, spec.level, threads) as compressor:
+        inner = TarWriter(compressor, spec.mtime)
+        for scanned in files:
+            if spec.compression is not Compression.NONE:
+                _plan_members(compressor, scanned, spec)
+            with _open_input(scanned.path) as stream:
+                hashing = _HashingReader(stream)
+                inner.add_stream(scanned.name, scanned.size, hashing)
+                if hashing.sha256.hexdigest() != scanned.sha256 or stream.read(1):
+                    raise EnvironmentProblem(
+                        f"payload file {scanned.path} changed while being written"
+                    )
+        inner.close()
+        compressor.finish()
 
 
 def _plan_members(compressor: CompressingWriter, scanned: _ScannedFile, spec: ArtifactSpec) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import io
 import random
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
+from otad.artifact import compression as compression_module
 from otad.artifact.compression import (
     Boundary,
     CompressingWriter,
@@ -226,3 +228,75 @@ def test_members_cost_little(tmp_path: Path) -> None:
         )
         sizes[chunks] = write_artifact(spec, tmp_path / f"m{chunks}.mender").size
     assert sizes[0] < sizes[16] < sizes[0] * 1.01
+
+
+# -- members compressed on several threads ---------------------------------------------
+
+
+def _artifact_bytes(tmp_path: Path, compression: Compression, threads: int) -> bytes:
+    image = tmp_path / "rootfs.img"
+    if not image.exists():  # noise, zero members and text: each kind of member
+        image.write_bytes(
+            random.Random(3).randbytes(9 * CHUNK)
+            + bytes(20 * CHUNK)
+            + b"".join(b"line %d\n" % n for n in range(100_000))
+        )
+    spec = ArtifactSpec(
+        name="release-1",
+        device_types=("otad-test",),
+        payload=rootfs_image(image, software_version="1", chunk_size=CHUNK),
+        compression=compression,
+        member_chunks=4,
+        threads=threads,
+    )
+    return write_artifact(spec, tmp_path / f"t{threads}.mender").path.read_bytes()
+
+
+@pytest.mark.parametrize("compression", COMPRESSED)
+def test_any_number_of_threads_writes_the_same_bytes(
+    tmp_path: Path, compression: Compression
+) -> None:
+    one = _artifact_bytes(tmp_path, compression, 1)
+    assert _artifact_bytes(tmp_path, compression, 2) == one
+    assert _artifact_bytes(tmp_path, compression, 3) == one
+    assert _read_payload(tmp_path / "t3.mender").verified
+
+
+@pytest.mark.parametrize("compression", COMPRESSED)
+@pytest.mark.parametrize("piece", [1000, 300_000])
+def test_members_too_long_to_gather_are_streamed(
+    compression: Compression, piece: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member longer than the bound goes through one encoder, in order with the rest."""
+    monkeypatch.setattr(compression_module, "MAX_BUFFERED_MEMBER", 150_000)
+    data = _data()
+    starts = [100_000, 200_000, 500_000, 520_000]  # members of 100 k, 300 k, 20 k...
+    serial = _compress(data, compression, starts, piece)
+    out = io.BytesIO()
+    with CompressingWriter(out, compression, threads=2) as writer:
+        writer.start_members_at(starts)
+        for offset in range(0, len(data), piece):
+            writer.write(data[offset : offset + piece])
+        writer.finish()
+    assert out.getvalue() == serial
+    decoder = open_decompressed(BytesSource(serial), compression, "t")
+    assert isinstance(decoder, Decompressor)
+    assert _read_all(decoder, len(data)) == data
+    assert [b.decompressed for b in decoder.boundaries] == [0, *starts]
+
+
+def _leave_early() -> None:
+    with CompressingWriter(io.BytesIO(), Compression.ZSTD, threads=2) as writer:
+        writer.start_members_at(range(1000, 100_000, 1000))
+        writer.write(random.Random(1).randbytes(50_000))
+        raise RuntimeError("source failed")
+
+
+def test_a_writer_left_early_stops_its_threads() -> None:
+    def compressing() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("compress")]
+
+    before = compressing()
+    with pytest.raises(RuntimeError, match="source failed"):
+        _leave_early()
+    assert compressing() == before

@@ -71,14 +71,12 @@ _LEVELS = {
 }
 
 
-def setup_logging(verbosity: int) -> None:
-    """Log to stderr without timestamps; SYSTEMD_LOG_LEVEL or -v raise the level."""
-    level = logging.WARNING
-    if verbosity == 1:
-        level = logging.INFO
-    elif verbosity > 1:
-        level = logging.DEBUG
-    level = min(level, _LEVELS.get(os.environ.get("SYSTEMD_LOG_LEVEL", ""), logging.WARNING))
+def setup_logging(verbosity: int, default: int = logging.WARNING) -> None:
+    """Log to stderr without timestamps, from `default` up (the commands: warnings; the
+    daemon: info, for the journal). SYSTEMD_LOG_LEVEL replaces `default`; each -v lowers
+    the level by one step (warning, info, debug)."""
+    level = _LEVELS.get(os.environ.get("SYSTEMD_LOG_LEVEL", "").strip().lower(), default)
+    level = max(logging.DEBUG, level - 10 * verbosity)
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
 
 

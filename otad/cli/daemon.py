@@ -245,7 +245,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, logging.INFO)
     return run_command(PROGRAM, lambda: asyncio.run(serve(args)), args.debug)
 
 

@@ -516,6 +516,7 @@ class Updater:
                 )
         except Exception as error:
             self._note_failure("install", error)
+            self._progress = (0, "")  # LastError tells what happened; no stale percentage
             await self._finish(job, error, error_message(error))
             return error
         message = f"installed {result.artifact} into slot {result.slot.value}"

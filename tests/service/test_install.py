@@ -221,6 +221,7 @@ def test_tampered_payload_from_a_pipe_fails_in_completed(
         values = await client.properties()
         assert values["State"] == "idle"
         assert values["LastError"] == done.message
+        assert values["Progress"] == [0, ""]  # no "writing slot b" left from the failed install
         slots = dict(await client.slots())
         assert slots["b"]["status"] == "empty"
         assert slots["b"]["next"] is False

@@ -83,7 +83,8 @@ from otad.state import sync_directory, write_atomically
 
 if TYPE_CHECKING:
     from otad.artifact.reader import ArtifactHeader, PayloadFile
-    from otad.download import HttpSource, MemberResumePoint, ResumePoint, SplicedSource
+    from otad.download import HttpSource
+    from otad.splice import MemberResumePoint, ResumePoint, SplicedSource
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class DownloadResume:
         allow_downgrade: bool | None,
         deployment: str | None = None,
     ) -> None:
-        from otad.download import SplicedSource
+        from otad.splice import SplicedSource
 
         self._deployment = deployment
         self._store = store
@@ -311,7 +312,7 @@ class DownloadResume:
 
     def begin(self, header: ArtifactHeader) -> None:
         """Resume from the slot if the record allows it, else start over; save the record."""
-        from otad.download import MemberResumePoint
+        from otad.splice import MemberResumePoint
 
         identity = self.http.identity
         record = ResumeRecord(
@@ -372,7 +373,7 @@ class DownloadResume:
     def _resume_point(
         self, record: ResumeRecord, header: ArtifactHeader
     ) -> ResumePoint | MemberResumePoint | None:
-        from otad.download import resume_point
+        from otad.splice import resume_point
 
         previous = self._previous
         if previous is None:
@@ -429,7 +430,7 @@ class DownloadResume:
     ) -> MemberResumePoint | None:
         """Where a compressed image resumes: the recorded boundary, once probed."""
         from otad.artifact.compression import Compression, split_suffix
-        from otad.download import MemberResumePoint, probe_member
+        from otad.splice import MemberResumePoint, probe_member
 
         member_offset, compressed = previous.member_offset, previous.boundary_compressed
         image_offset = previous.boundary_image

@@ -599,11 +599,11 @@ def test_a_slot_changed_after_the_count_fails_verification_and_activates_nothing
 ) -> None:
     """If the slot changes between the check of its chunks and their use, the reader's own
     check of every chunk refuses them: the install fails, nothing is activated."""
-    import otad.download
+    import otad.splice
 
     _kill_mid_download(resumable, tmp_path, pki, served, at=3 << 20)
     _wait_for_requests(nginx, "/big.mender", 1)
-    counted = otad.download.resume_point
+    counted = otad.splice.resume_point
 
     def count_then_change(*args: object, **kwargs: object) -> object:
         point = counted(*args, **kwargs)  # type: ignore[arg-type]
@@ -611,7 +611,7 @@ def test_a_slot_changed_after_the_count_fails_verification_and_activates_nothing
             slot.write(b"\xa5" * 4096)
         return point
 
-    monkeypatch.setattr(otad.download, "resume_point", count_then_change)
+    monkeypatch.setattr(otad.splice, "resume_point", count_then_change)
     engine = resumable.reboot()
     with HttpSource(served, settings_for(pki)) as source, pytest.raises(ChunkMismatch):
         engine.install(source)

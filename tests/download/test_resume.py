@@ -10,8 +10,9 @@ import pytest
 from otad.artifact.chunks import ChunkHasher, ChunkIndex
 from otad.artifact.reader import VerifyPolicy, verify_artifact
 from otad.bootloader.base import Slot
-from otad.download import DownloadError, HttpSource, SplicedSource, resume_point
+from otad.download import DownloadError, HttpSource
 from otad.errors import ChunkMismatch
+from otad.splice import SplicedSource, resume_point
 from tests.download.conftest import CHUNK_SIZE, Artifact, Device, settings_for
 from tests.download.faults import Fault, FaultProxy, Kind
 from tests.download.servers import Nginx, Pki

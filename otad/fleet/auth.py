@@ -104,7 +104,10 @@ def load_device_key(path: Path, key_type: KeyType) -> DeviceKey:
     except FileNotFoundError:
         log.info("generating the device key (%s) in %s", key_type.value, path)
         key = _generate(key_type)
-        _write_private(path, private_pem(key))
+        try:
+            _write_private(path, private_pem(key))
+        except OSError as error:
+            raise KeyProblem(f"cannot keep the device key in {path}: {error.strerror}") from None
         return DeviceKey(key, path)
     except OSError as error:
         raise KeyProblem(f"cannot read the device key {path}: {error.strerror}") from None

@@ -35,7 +35,9 @@ the specifications, so the intervals are otad.conf's):
     malformed answer                                                    same report again
 
 "Backoff" waits retry_interval after the first failure in a row and doubles each time,
-up to max_retry_interval (default: poll_interval); the first success resets it. Final
+up to max_retry_interval (default: poll_interval); the first success resets it. A device
+key that cannot be made (it is made at the first authentication when none is kept) is
+a server error with backoff too. Final
 statuses are kept on disk until the server has them, so a failure to report never
 loses the outcome.
 
@@ -85,7 +87,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from otad.artifact.streams import Readable
-from otad.errors import OtadError, StateConflict
+from otad.errors import KeyProblem, OtadError, StateConflict
 from otad.fleet.auth import AUTH_PATH, DeviceKey, authenticate
 from otad.fleet.client import Client, ServerError, Unauthorized
 from otad.fleet.config import ServerConfig
@@ -178,7 +180,7 @@ class Poller:
         self,
         config: ServerConfig,
         client: Client,
-        key: DeviceKey,
+        key: DeviceKey | Callable[[], DeviceKey],
         identity: dict[str, str],
         hooks: DeviceHooks,
         directory: Path,
@@ -189,7 +191,7 @@ class Poller:
     ) -> None:
         self.config = config
         self.client = client
-        self.key = key
+        self._key = key
         self.identity = identity
         self.hooks = hooks
         self.api = DeploymentsApi(client)
@@ -225,6 +227,13 @@ class Poller:
             self._status = status
             if self._on_status is not None:
                 self._on_status(status)
+
+    @property
+    def key(self) -> DeviceKey:
+        """The device key; made at the first authentication when given as a callable."""
+        if not isinstance(self._key, DeviceKey):
+            self._key = self._key()
+        return self._key
 
     # -- the loop -----------------------------------------------------------------
 
@@ -263,6 +272,9 @@ class Poller:
             state = ServerState.ERROR if reachable else ServerState.UNREACHABLE
             self._publish(state=state, reachable=reachable, last_error=str(error))
             return self._backoff(error)
+        except KeyProblem as error:  # the device key could not be made or kept
+            self._publish(state=ServerState.ERROR, last_error=str(error))
+            return self._backoff(error)
 
     def _call(self, function: Callable[..., T], *args: Any) -> T:
         """Call the server; after a 401, authenticate again and call once more."""
@@ -277,7 +289,7 @@ class Poller:
         self._publish(authorized=True)
         return function(*args)
 
-    def _backoff(self, error: ServerError) -> float:
+    def _backoff(self, error: Exception) -> float:
         self._failures += 1
         delay: float = min(
             self.config.backoff_limit, self.config.retry_interval * 2.0 ** (self._failures - 1)

@@ -2,7 +2,10 @@
 
 `FleetService.prepare` does at start everything that can fail for a reason a person must
 fix (the tenant token file, the TLS files, the device key, the identity), so that a bad
-[server] table stops the daemon with the key named. `start` runs the poller on a thread,
+[server] table stops the daemon with the key named. A device key that does not exist
+yet is made later, on the poller's thread: an RSA key can take many seconds on a small
+board, and the daemon must answer on D-Bus (and tell systemd it is ready) long before
+that. `start` runs the poller on a thread,
 so that no request to the server ever blocks the D-Bus loop; its hooks reach the Updater
 on the loop's thread only:
 
@@ -29,6 +32,7 @@ tells the next start what happened.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -39,7 +43,7 @@ from typing import Any, TypeVar
 from otad.artifact.streams import Readable
 from otad.config import Config
 from otad.download import DownloadSettings, HttpSource, make_session
-from otad.errors import ConfigError, OtadError
+from otad.errors import ConfigError, KeyProblem, OtadError
 from otad.fleet.auth import DeviceKey, load_device_key, read_identity, read_tenant_token
 from otad.fleet.client import Client
 from otad.fleet.config import KEY_FILE, TLS_KEYS, ServerConfig
@@ -65,7 +69,7 @@ class Prepared:
 
     config: ServerConfig
     tenant_token: str
-    key: DeviceKey
+    key: DeviceKey | Callable[[], DeviceKey]  # the kept key, or what makes it the first time
     identity: dict[str, str]
     directory: Path  # the deployment record's directory, on the data partition
 
@@ -87,7 +91,20 @@ def prepare(config: Config) -> Prepared | None:
     token = read_tenant_token(server)
     identity = read_identity(server)
     directory = config.data_dir / "fleet"
-    key = load_device_key(server.device_key or directory / KEY_FILE, server.key_type)
+    path = server.device_key or directory / KEY_FILE
+    key: DeviceKey | Callable[[], DeviceKey]
+    if path.exists():
+        key = load_device_key(path, server.key_type)
+    else:
+        try:  # where the key will go must work now, while a person watches the start
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as error:
+            raise KeyProblem(
+                f"cannot make the directory of the device key {path}: {error.strerror}"
+            ) from None
+        log.info("no device key yet: the fleet client makes one (%s) in %s",
+                 server.key_type.value, path)  # fmt: skip
+        key = functools.partial(load_device_key, path, server.key_type)
     log.info("managed by the Mender server %s as %s", server.url,
              ", ".join(f"{name}={value}" for name, value in sorted(identity.items())))  # fmt: skip
     return Prepared(server, token, key, identity, directory)

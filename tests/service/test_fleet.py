@@ -153,6 +153,46 @@ def test_deployment_is_installed_reported_and_committed_after_the_trial(
     assert not (daemon.device.store.path.parent / "fleet" / "deployment.json").exists()
 
 
+def test_a_missing_device_key_is_made_on_the_fleet_thread_after_start(
+    make_daemon: MakeDaemon, server: FakeMender
+) -> None:
+    """Making a key (seconds for RSA on a small board) must not hold up READY and D-Bus."""
+    daemon = fleet_daemon(make_daemon, server)
+    wait_until("a first poll", lambda: bool(server.requests("POST", NEXT_V2)), daemon)
+    log = daemon.log_text()
+    key = daemon.device.store.path.parent / "fleet" / "device-key.pem"
+    assert f"no device key yet: the fleet client makes one (ed25519) in {key}" in log
+    assert log.index("started: ") < log.index("generating the device key (ed25519)")
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert server.identities[0] == {"serial": "SN-0042"}
+
+
+def test_a_device_key_path_that_cannot_be_made_stops_the_daemon_at_start(
+    make_daemon: MakeDaemon, server: FakeMender, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    daemon = make_daemon(
+        extra_config=server_config(server, device_key=f'"{blocker}/keys/device-key.pem"')
+    )
+    daemon.write_config()
+
+    result = subprocess.run(
+        daemon.argv(), cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"cannot make the directory of the device key {blocker}/keys/device-key.pem: "
+            "Not a directory"
+        )
+    ), result.stderr
+    assert server.seen == []
+
+
 def test_fallback_after_the_trial_reports_failure_with_the_log(
     make_daemon: MakeDaemon, server: FakeMender, artifacts: dict[str, Path]
 ) -> None:

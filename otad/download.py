@@ -51,7 +51,8 @@ T = TypeVar("T")
 
 
 # -- errors ------------------------------------------------------------------------
-# TODO: move these into otad.errors when its owner takes them; they live here until then.
+# They live beside the transport that raises them; their messages show the URL as
+# shown_url does, without its query (which may carry a pre-signed token).
 
 
 class DownloadError(OtadError):

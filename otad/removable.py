@@ -105,7 +105,7 @@ _KERNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 # -- errors ---------------------------------------------------------------------------
-# TODO: move these into otad.errors when the removable-media work is merged.
+# Beside the code that raises them; callers map them through DeviceError.
 
 
 class MediumError(DeviceError):

@@ -98,7 +98,6 @@ _OPTIONAL_COUNT_FIELDS = ("size", "artifact_offset")
 _NEW_COUNT_FIELDS = ("member_offset", "boundary_compressed", "boundary_image")
 
 
-# TODO: move into otad.errors when its owner takes it, as otad.download's errors.
 class Interrupted(Cancelled):
     """The install stopped because otad is stopping; it resumes when otad starts again."""
 

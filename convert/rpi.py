@@ -70,6 +70,11 @@ FIRST_BOOT_FILES = (
     "wpa_supplicant.conf",  # older Imager Wi-Fi settings
     "custom.toml",  # newer Imager settings, read by raspberrypi-sys-mods
     "user-data", "meta-data", "network-config",  # cloud-init NoCloud seed
+    # Debian's Pi images: rpi-set-sysconf.service applies it on every boot and rewrites it
+    # without its settings; kept out of artifacts so that a root_pw= put there before the
+    # conversion does not travel in every update (on a slot without it, the service
+    # writes a fresh one).
+    "sysconf.txt",
 )  # fmt: skip
 # Command-line words that run firstrun.sh once (the script removes them afterwards).
 FIRST_BOOT_WORDS = (
@@ -202,11 +207,6 @@ def install_boot_mount(root: Path, plan: MbrPlan) -> None:
     generator.chmod(0o755)
 
 
-# TODO: point the root= that Debian's raspi-firmware hook writes into cmdline.txt on every
-# kernel upgrade (ROOTPART in /etc/default/raspi-firmware, LABEL=RASPIROOT by default,
-# which both slots carry) at the booted slot, when Debian's Pi images are converted and
-# booted for real; until then a kernel upgrade inside a slot of such an image may point
-# its cmdline.txt at either slot.
 def disable_resize_hooks(root: Path) -> list[str]:
     """Mask the units and remove the SysV script that grow the root; what was found."""
     found = []
@@ -219,7 +219,7 @@ def disable_resize_hooks(root: Path) -> list[str]:
         )
         if present:
             found.append(unit)
-        for wants in units.glob("*.wants"):
+        for wants in [*units.glob("*.wants"), *units.glob("*.requires")]:
             link = wants / unit
             if link.is_symlink() or link.exists():  # links into the image dangle on the host
                 link.unlink()

@@ -4,9 +4,11 @@ Called by convert.pipeline once the input's partition table shows the Pi layout,
 its work directory, so that a failure here leaves nothing behind either. The phases:
 read the boot files; copy the root out and resize it to a slot; change the root (install
 --deb packages, with qemu-user-static for a foreign architecture; the overlay; fstab,
-first-boot hooks, otad.conf, the boot files into /boot/firmware); write the MBR and
-both slots; fill each slot's boot partition from the root as otad does on an update;
-write autoboot.txt; the artifact; the data partition.
+first-boot hooks, otad.conf, the boot files into /boot/firmware; for Debian's own Pi
+images also their labels checked and the raspi-firmware hook and initrd made A/B-safe,
+see convert/rpi_debian.py); write the MBR and both slots; fill each slot's boot
+partition from the root as otad does on an update; write autoboot.txt; the artifact;
+the data partition.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from convert import emulation, filesystems, mbr, rootfs, rpi
+from convert import emulation, filesystems, mbr, rootfs, rpi, rpi_debian
 from convert.errors import AlreadyConverted, ImageError
 from convert.layout import MIB, Table
 from convert.mbr import MbrPlan
@@ -53,7 +55,10 @@ def convert_pi(
         stock = mbr.recognise(table, raw.stat().st_size, options.input)
         plan = mbr.plan_layout(stock, options.storage_size, options.data_size)
         boot_files = work / "bootfs"
-        rpi.read_boot_files(raw, stock.boot, boot_files)
+        labels = (
+            rpi.read_boot_files(raw, stock.boot, boot_files),
+            rpi_debian.filesystem_label(raw, stock.root),
+        )
         first_boot = rpi.split_first_boot_files(boot_files, work / "first-boot")
         cmdline = rpi.clean_cmdline(
             (boot_files / "cmdline.txt").read_text(errors="replace"), plan.partuuid(plan.slot_a)
@@ -67,7 +72,16 @@ def convert_pi(
         mbr.check_slot_fits(plan, needed, options.storage_size)
         filesystems.resize(root_fs, plan.slot_a.bytes)
 
-    device_type = _change_root(options, keys, plan, root_fs, boot_files, cmdline, work, changes)
+    device_type, relabel = _change_root(
+        options, keys, plan, root_fs, boot_files, cmdline, labels, work, changes
+    )
+    if relabel:
+        rpi_debian.clear_root_label(root_fs)
+        changes.append(
+            f"the root's label {labels[1]} removed (both slots would carry it); each slot's "
+            f"root is found by PARTUUID, the boot partitions are {rpi.BOOT_LABELS[Slot.A]} "
+            f"and {rpi.BOOT_LABELS[Slot.B]} (stock: {labels[0] or 'no label'})"
+        )
 
     with _phase("writing the MBR and the slots"):
         disk = work / "output.img"
@@ -108,15 +122,20 @@ def _change_root(
     root_fs: Path,
     boot_files: Path,
     cmdline: rpi.CmdlineChange,
+    labels: tuple[str, str],
     work: Path,
     changes: list[str],
-) -> str:
-    """Every change inside the root filesystem; the device type, `options.device_type`
-    or, when that is None, "raspberrypi-" and the root's Debian architecture."""
+) -> tuple[str, bool]:
+    """Every change inside the root filesystem. Returns the device type
+    (`options.device_type` or, when that is None, "raspberrypi-" and the root's Debian
+    architecture) and whether the stock image named its root by label."""
     with contextlib.ExitStack() as stack:
         device = stack.enter_context(loop_device(root_fs))
         root = stack.enter_context(mounted(device, work / "root"))
         architecture = _check_convertible(root)
+        stock_cmdline = (boot_files / "cmdline.txt").read_text(errors="replace")
+        uses = rpi_debian.label_uses(root, stock_cmdline)
+        rpi_debian.check_labels(uses, *labels)
         device_type = options.device_type or f"raspberrypi-{architecture}"
         if options.debs:
             with _phase("installing packages"):
@@ -138,6 +157,9 @@ def _change_root(
             rpi.install_host_keys_unit(root)
             rpi.install_otad_config(root, plan, device_type, keys.files)
             rpi.copy_boot_files(boot_files, root, cmdline.text)
+            hooked = rpi_debian.has_firmware_hook(root)
+            stock_rootpart = rpi_debian.point_hook_at_booted_slot(root, plan)
+            initrds = rpi_debian.neutralize_initrd_resize(root) if hooked else []
             changes += [
                 f"cmdline.txt: root={plan.partuuid(plan.slot_a)} (each boot partition its "
                 f"slot's); removed: {' '.join(cmdline.removed) or 'nothing'}",
@@ -152,12 +174,25 @@ def _change_root(
                 f"{len(keys.files)} trusted key(s) in /{rootfs.KEYS_DIR}",
                 f"{rpi.FIRMWARE_MOUNT} in the root holds the boot files, so artifacts carry them",
             ]
+            if initrds:
+                changes.append(
+                    f"initrd resize of the root off: {rpi_debian.RESIZE_SCRIPT} (image-specs' "
+                    f"rpi-resizerootfs) overridden by a script that does nothing, in "
+                    f"{', '.join(initrds)}"
+                )
+            if hooked:
+                changes.append(
+                    f"/{rpi_debian.FIRMWARE_DEFAULTS}: ROOTPART (stock: "
+                    f"{stock_rootpart or 'unset'}) is now the booted slot's root= from "
+                    "/proc/cmdline, so that raspi-firmware's kernel and initramfs hooks "
+                    f"rewrite the booted slot's cmdline.txt with its own root"
+                )
             if options.watchdog:
                 # TODO: arm the watchdog early on the Pi too when its images boot an
                 # initramfs (its firmware and kernel boot straight into the root).
                 changes.append("watchdog: not armed by the image (Raspberry Pi OS boots "
                                "without an initramfs, where otad arms it on PCs)")  # fmt: skip
-    return device_type
+    return device_type, any(use.is_root for use in uses)
 
 
 def _check_convertible(root: Path) -> str:

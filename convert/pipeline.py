@@ -342,7 +342,9 @@ def _finish(
 
 
 def _publish(disk: Path, output: Path, partial_artifact: Path, artifact: Path) -> None:
-    """Rename the finished image and artifact into place; the artifact goes away if not both."""
+    """Rename the finished image and artifact into place, the image once it is on disk
+    (the artifact's writer syncs its own); the artifact goes away if not both."""
+    _fsync_file(disk)  # mkfs.ext4 of the data partition has most often flushed it already
     os.replace(partial_artifact, artifact)
     try:
         os.replace(disk, output)
@@ -354,6 +356,14 @@ def _publish(disk: Path, output: Path, partial_artifact: Path, artifact: Path) -
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _added_bytes(options: Options) -> int:

@@ -220,7 +220,7 @@ def _scan(path: Path, name: str, chunk_size: int | None) -> _ScannedFile:
 
 def _open_input(path: Path) -> io.BufferedReader:
     try:
-        if not (path.is_file() or path.is_block_device()):  # a device: read to its end
+        if not path.is_file():
             raise UsageError(f"payload file {path} is not a regular file")
         return path.open("rb")
     except OSError as error:

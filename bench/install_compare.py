@@ -916,7 +916,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="losetup --direct-io=on: the slot writes through to the host's disk, as a real "
         "disk would; default: a buffered loop device (writes land in the page cache)",
     )
-    parser.add_argument("--only", help="run only the cases whose key contains this text")
+    parser.add_argument(
+        "--only",
+        help="run only the cases whose key contains this text (or one of several, "
+        "comma-separated: otad/none,otad/zstd); the dd limits always run",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log commands")
     parser.add_argument("--child-install", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-reset", type=Path, help=argparse.SUPPRESS)
@@ -951,7 +955,12 @@ def benchmark(args: argparse.Namespace) -> None:
         more, skipped = peer_cases(work, disk, artifacts, peers, bus)
         cases += more + limit_cases(disk, payload, artifacts)
         if args.only:
-            cases = [c for c in cases if args.only in c.key or c.key in ("dd", "dd direct")]
+            wanted = [text for text in args.only.split(",") if text]
+            cases = [
+                c
+                for c in cases
+                if any(text in c.key for text in wanted) or c.key in ("dd", "dd direct")
+            ]
         slot = "loop device with direct I/O" if args.slot_direct_io else "buffered loop device"
         if args.drop_caches:
             cache = "dropped before every run"

@@ -204,25 +204,26 @@ class _ChunkedDecompressor(Decompressor):
         return True
 
 
-class _FileAdapter:
-    """Gives a Readable the read() that zstandard's stream_reader wants."""
+class _FrameInput:
+    """Gives zstandard's stream_reader the read() it wants over one frame, copying nothing.
 
-    def __init__(self, source: Readable) -> None:
-        self._source = source
+    Each read returns a view of the frame walker's buffer, which stays valid until the
+    next read: the stream reader asks for more input only once it has consumed the last.
+    """
 
-    def read(self, size: int = -1) -> bytearray:
-        # A fresh bytearray each time (zstandard keeps the last one as its input), cut
-        # to size in place: no second copy of the data.
-        buffer = bytearray(size if size > 0 else _INPUT_SIZE)
-        count = self._source.readinto(memoryview(buffer)) or 0
-        del buffer[count:]
-        return buffer
+    def __init__(self, frames: _ZstdFrames) -> None:
+        self._frames = frames
+
+    def read(self, size: int = -1) -> memoryview:
+        return self._frames.read_view(size if size > 0 else _INPUT_SIZE)
 
 
 _ZSTD_MAGIC = 0xFD2FB528
 _SKIPPABLE_MAGIC = 0x184D2A50  # up to 0x184D2A5F
 _DICTIONARY_ID_SIZES = (0, 1, 2, 4)
 _CONTENT_SIZE_SIZES = (0, 2, 4, 8)
+# The longest part of a frame read at once to parse it: a skippable frame's header.
+_LONGEST_PEEK = 8
 
 
 class _ZstdFrames:
@@ -231,13 +232,19 @@ class _ZstdFrames:
     It walks the frame's structure (RFC 8878: header, block headers, checksum) without
     decompressing, so it knows exactly where each frame ends in the compressed stream;
     `next_frame()` moves on to the next one (skipping skippable frames).
+
+    The compressed bytes are read into one fixed buffer and handed on from there, as
+    views (`read_view`, for the decoder) or copied (`readinto`): a fixed buffer, not one
+    that grows and shrinks, so a view handed on stays valid while the walker reads on.
     """
 
     def __init__(self, source: Readable, what: str) -> None:
         self._source = source
         self._what = what
-        self._buffer = bytearray()
-        self._input = memoryview(bytearray(_INPUT_SIZE))
+        self._data = bytearray(_INPUT_SIZE)
+        self._view = memoryview(self._data)
+        self._start = 0  # the buffered bytes are self._data[self._start : self._end]
+        self._end = 0
         self.offset = 0  # of the next byte handed on, in the compressed stream
         self._left = 0  # bytes of the current part (header, block, checksum) to hand on
         self._state = "start"  # start, block, checksum, done
@@ -245,18 +252,26 @@ class _ZstdFrames:
         self._last_block = False
 
     def _fill(self, size: int) -> bool:
-        """Buffer at least `size` bytes; False if the source ends first."""
-        while len(self._buffer) < size:
-            count = self._source.readinto(self._input) or 0
+        """Buffer at least `size` (at most _LONGEST_PEEK) bytes; False if the source ends
+        first. May move the buffered bytes: call it only with no view of them handed on
+        that the caller still reads."""
+        while self._end - self._start < size:
+            if self._start == self._end:
+                self._start = self._end = 0
+            elif len(self._data) - self._end < size:
+                rest = bytes(self._view[self._start : self._end])  # under _LONGEST_PEEK
+                self._data[: len(rest)] = rest
+                self._start, self._end = 0, len(rest)
+            count = self._source.readinto(self._view[self._end :]) or 0
             if not count:
                 return False
-            self._buffer += self._input[:count]
+            self._end += count
         return True
 
     def _need(self, size: int) -> bytes:
         if not self._fill(size):
             raise TruncatedArtifact(f"{self._what}: compressed stream ends early")
-        return bytes(self._buffer[:size])
+        return bytes(self._view[self._start : self._start + size])
 
     def next_frame(self) -> bool:
         """Start the next frame; False at the end of the stream."""
@@ -287,8 +302,8 @@ class _ZstdFrames:
         while size:
             if not self._fill(1):
                 raise TruncatedArtifact(f"{self._what}: compressed stream ends early")
-            take = min(size, len(self._buffer))
-            del self._buffer[:take]
+            take = min(size, self._end - self._start)
+            self._start += take
             self.offset += take
             size -= take
 
@@ -309,24 +324,47 @@ class _ZstdFrames:
         self._state = "done"
         return False
 
-    def readinto(self, buffer: memoryview, /) -> int:
-        filled = 0
-        while filled < len(buffer):
-            if not self._left and (self._state == "done" or not self._next_part()):
-                break
-            if not self._buffer:
-                if filled:
+    def read_view(self, size: int) -> memoryview:
+        """The frame's next bytes, up to `size`, as a view of the buffer (empty at the
+        frame's end), valid until the walker is called again.
+
+        It spans as many parts as the buffer holds whole; it stops early rather than
+        read where reading could move the bytes it hands on.
+        """
+        begin = self._start
+        while self._start - begin < size:
+            if not self._left:
+                if self._state == "done":
+                    break
+                taken = self._start > begin
+                # Parsing a block header reads it when it is not buffered whole.
+                if taken and self._end - self._start < 3:
+                    break
+                if not self._next_part():
+                    break
+                if not taken:
+                    begin = self._start  # the header's read may have moved the buffer
+                continue
+            if self._start == self._end:
+                if self._start > begin:
                     break  # hand on what is here rather than wait for more
                 if not self._fill(1):
                     raise TruncatedArtifact(f"{self._what}: compressed stream ends early")
-            take = min(self._left, len(buffer) - filled, len(self._buffer))
-            # Through a view: slicing the bytearray itself would copy the bytes twice.
-            with memoryview(self._buffer) as buffered:
-                buffer[filled : filled + take] = buffered[:take]
-            del self._buffer[:take]
-            filled += take
+                begin = self._start
+            take = min(self._left, size - (self._start - begin), self._end - self._start)
+            self._start += take
             self._left -= take
             self.offset += take
+        return self._view[begin : self._start]
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        filled = 0
+        while filled < len(buffer):
+            view = self.read_view(len(buffer) - filled)
+            if not view:
+                break
+            buffer[filled : filled + len(view)] = view
+            filled += len(view)
         return filled
 
     def is_frame_done(self) -> bool:
@@ -356,7 +394,7 @@ class _ZstdDecompressor(Decompressor):
         if self._reader is not None:
             self._found.append(Boundary(start, self._produced))
         self._reader = zstandard.ZstdDecompressor().stream_reader(
-            cast(IO[bytes], _FileAdapter(frames)), read_size=_INPUT_SIZE, closefd=False
+            cast(IO[bytes], _FrameInput(frames)), read_size=_INPUT_SIZE, closefd=False
         )
         return True
 

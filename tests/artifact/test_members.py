@@ -141,6 +141,43 @@ def test_skippable_zstd_frames_are_skipped() -> None:
     assert _read_all(decoder, len(data)) == data
 
 
+class _Trickle:
+    """A source that hands on at most a few bytes per read, as a slow network does."""
+
+    def __init__(self, data: bytes, seed: int, most: int) -> None:
+        self._source = BytesSource(data)
+        self._random = random.Random(seed)
+        self._most = most
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        size = min(len(buffer), self._random.randint(1, self._most))
+        return self._source.readinto(buffer[:size])
+
+
+@pytest.mark.parametrize("most", [5, 300, 70_000])
+@pytest.mark.parametrize("buffer", [101, 256 * 1024])
+def test_zstd_decodes_the_same_whatever_the_source_hands_on_per_read(
+    monkeypatch: pytest.MonkeyPatch, most: int, buffer: int
+) -> None:
+    # Frame and block headers then arrive split across reads and across the end of the
+    # frame walker's buffer (a small one: often), which has to move the part it has.
+    monkeypatch.setattr(compression_module, "_INPUT_SIZE", buffer)
+    data = _data()
+    starts = list(range(997, len(data), 997))  # many frames: many headers to split
+    compressed = _compress(data, Compression.ZSTD, starts, 65536)
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"12345"
+    whole = open_decompressed(BytesSource(compressed), Compression.ZSTD, "t")
+    assert isinstance(whole, Decompressor)
+    assert _read_all(whole, len(data)) == data
+    decoder = open_decompressed(_Trickle(compressed, most, most), Compression.ZSTD, "t")
+    assert isinstance(decoder, Decompressor)
+    assert _read_all(decoder, len(data)) == data
+    assert decoder.boundaries == whole.boundaries
+    assert [b.decompressed for b in whole.boundaries] == [0, *starts]
+    skipping = open_decompressed(_Trickle(skippable + compressed, most, 3), Compression.ZSTD, "t")
+    assert _read_all(skipping, len(data)) == data
+
+
 # -- artifacts -------------------------------------------------------------------------
 
 

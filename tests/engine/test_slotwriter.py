@@ -100,3 +100,25 @@ def test_synced_follows_the_fsync_watermarks_and_never_runs_ahead(disk: Disk) ->
     assert all(value <= (index + 1) * BLOCK for index, value in enumerate(seen))
     assert seen == sorted(seen)
     assert writer.synced == len(data)
+
+
+def test_blocks_handed_on_before_an_error_are_written(disk: Disk) -> None:
+    # A download cut mid-install leaves the writer without finish(); the verified blocks
+    # it was given (fewer than one write's worth here) must reach the slot all the same,
+    # where a resumed download counts them.
+    data = _image(7, 3)
+
+    class Cut(Exception):
+        pass
+
+    try:
+        with SlotWriter(disk.partitions["b"], fsync_interval=64 * BLOCK) as writer:
+            for start in range(0, 2 * BLOCK, BLOCK // 4):
+                writer.write(data[start : start + BLOCK // 4])
+            raise Cut
+    except Cut:
+        pass
+
+    assert writer.written == 2 * BLOCK
+    with disk.partitions["b"].open("rb") as device:
+        assert device.read(2 * BLOCK) == data[: 2 * BLOCK]

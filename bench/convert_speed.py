@@ -46,6 +46,7 @@ from artifact_read import (  # noqa: E402  (the sibling module, through sys.path
     BenchError,
     PayloadParameters,
     building,
+    drop_caches,
     parse_size,
     read_once,
     write_tree,
@@ -181,8 +182,15 @@ def time_conversion(
 
 
 def run_benchmark(
-    image: Path, scratch: Path, compressions: Sequence[str], runs: int, storage: str
+    image: Path,
+    scratch: Path,
+    compressions: Sequence[str],
+    runs: int,
+    storage: str,
+    cold: bool = False,
 ) -> dict[str, Runs]:
+    """Interleaved runs; `cold` drops the page cache before each copy and conversion, so
+    that both read the input from the disk (as after a download or a reboot)."""
     results = {"copy": Runs(), **{f"convert {c}": Runs() for c in compressions}}
     deb = build_deb(scratch)
     key = scratch / "release.key"
@@ -190,8 +198,12 @@ def run_benchmark(
        "-out", key)  # fmt: skip
     read_once(image)
     for number in range(1, runs + 1):
+        if cold:
+            drop_caches()
         results["copy"].seconds.append(time_copy(image, scratch))
         for compression in compressions:
+            if cold:
+                drop_caches()
             seconds, phases = time_conversion(image, scratch, compression, storage, deb, key)
             case = results[f"convert {compression}"]
             case.seconds.append(seconds)
@@ -239,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="artifact compressions to run (default gzip and zstd)")  # fmt: skip
     parser.add_argument("--storage-size", help="of the output (default: twice --size + 512M)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where inputs live")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the page cache before every copy and conversion "
+                             "(default: the input is in the page cache)")  # fmt: skip
     return parser
 
 
@@ -254,12 +269,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         image = ensure_input(args.cache, size)
         scratch = Path(tempfile.mkdtemp(dir=args.cache, prefix=".convert-speed-"))
         try:
-            results = run_benchmark(image, scratch, compressions, args.runs, storage)
+            results = run_benchmark(
+                image, scratch, compressions, args.runs, storage, args.drop_caches
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     except BenchError as error:
         print(f"convert_speed.py: {error}", file=sys.stderr)
         return 1
+    print("page cache: dropped before every run" if args.drop_caches else "page cache: warm")
     report(results, image, args.runs)
     return 0
 

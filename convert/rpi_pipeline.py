@@ -188,10 +188,11 @@ def _change_root(
                     f"rewrite the booted slot's cmdline.txt with its own root"
                 )
             if options.watchdog:
-                # TODO: arm the watchdog early on the Pi too when its images boot an
-                # initramfs (its firmware and kernel boot straight into the root).
-                changes.append("watchdog: not armed by the image (Raspberry Pi OS boots "
-                               "without an initramfs, where otad arms it on PCs)")  # fmt: skip
+                # TODO: arm the watchdog from the initramfs of Debian's Pi images, which
+                # boot one (Raspberry Pi OS boots straight into the root), when the
+                # converter can rebuild an arm64 initramfs under qemu-user in good time.
+                changes.append("watchdog: not armed before systemd (on PCs otad arms it in "
+                               "the initramfs; not yet on a Pi)")  # fmt: skip
     return device_type, any(use.is_root for use in uses)
 
 

@@ -4,6 +4,7 @@ and the two ways of watching a step from outside (reads, growth)."""
 from __future__ import annotations
 
 import io
+import logging
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from convert import progress
+from convert import pipeline, progress
 from convert.progress import MIB, Progress
 
 
@@ -179,3 +180,18 @@ def test_read_position_is_none_when_nobody_has_the_file_open(tmp_path: Path) -> 
     (tmp_path / "closed").write_bytes(b"z")
 
     assert progress.read_position(str(tmp_path / "closed")) is None
+
+
+def test_a_phase_that_runs_long_says_it_is_still_working(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(pipeline, "HEARTBEAT", 0.05)
+    caplog.set_level(logging.INFO, logger="convert.pipeline")
+    with pipeline._phase("a long phase"):
+        deadline = time.monotonic() + 30  # for the heartbeat's thread to run at all
+        while "a long phase: still working" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.01)
+    assert "== a long phase" in caplog.text
+    assert re.search(r"a long phase: still working \([0-9]+ s\)", caplog.text)
+    assert "a long phase: done in " in caplog.text

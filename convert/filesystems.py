@@ -22,12 +22,17 @@ TOOLS = ("e2image", "e2fsck", "resize2fs", "tune2fs", "dumpe2fs", "mkfs.ext4", "
 HEADROOM = 64 * MIB  # free space a slot keeps beyond the root filesystem's minimum size
 
 
+def probe_at(image: Path, offset: int) -> dict[str, str]:
+    """What `blkid -p` finds at byte `offset` of `image` (TYPE, UUID, LABEL...); {} if
+    nothing it knows."""
+    result = run(["blkid", "-p", "-o", "export", "-O", str(offset), image], check=False)
+    lines = result.stdout.decode("utf-8", "replace").splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
 def extract_root(image: Path, root: Partition, target: Path) -> None:
     """Copy the ext4 filesystem of partition `root` of `image` into the file `target`."""
-    kind = run(
-        ["blkid", "-p", "-o", "value", "-s", "TYPE", "-O", str(root.offset), image], check=False
-    )
-    found = kind.stdout.decode().strip()
+    found = probe_at(image, root.offset).get("TYPE", "")
     if found != "ext4":
         raise ImageError(
             f"{image}: partition {root.number} should hold the ext4 root filesystem, "

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert import filesystems
 from convert.errors import ImageError, NotSupportedYet
 from convert.fat import MTOOLS_ENV
 from convert.layout import Partition
@@ -92,8 +93,7 @@ class CmdlineChange:
 
 def read_boot_files(image: Path, boot: Partition, target: Path) -> str:
     """Copy the FAT boot partition of `image` into the directory `target`; return its label."""
-    kind = run(["blkid", "-p", "-o", "export", "-O", str(boot.offset), image], check=False)
-    fields = dict(line.split("=", 1) for line in kind.stdout.decode().splitlines() if "=" in line)
+    fields = filesystems.probe_at(image, boot.offset)
     if fields.get("TYPE") != "vfat":
         raise ImageError(
             f"{image}: partition {boot.number} should hold the FAT boot files, found "

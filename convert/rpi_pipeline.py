@@ -57,7 +57,7 @@ def convert_pi(
         boot_files = work / "bootfs"
         labels = (
             rpi.read_boot_files(raw, stock.boot, boot_files),
-            rpi_debian.filesystem_label(raw, stock.root),
+            filesystems.probe_at(raw, stock.root.offset).get("LABEL", ""),
         )
         first_boot = rpi.split_first_boot_files(boot_files, work / "first-boot")
         cmdline = rpi.clean_cmdline(

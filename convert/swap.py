@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert import filesystems
 from convert.layout import MIB, Partition
 from otad.process import run
 
@@ -29,8 +30,7 @@ class SwapIdentity:
 
 def read_identity(image: Path, partition: Partition) -> SwapIdentity:
     """The UUID and label of the swap area in `partition` of `image` (None when absent)."""
-    result = run(["blkid", "-p", "-o", "export", "-O", str(partition.offset), image], check=False)
-    fields = dict(line.split("=", 1) for line in result.stdout.decode().splitlines() if "=" in line)
+    fields = filesystems.probe_at(image, partition.offset)
     if fields.get("TYPE") != "swap":
         log.warning(
             "partition %d of %s has no swap signature: the new swap area gets a new UUID, "

@@ -469,7 +469,7 @@ class CompressingWriter:
         # The member being written: gathered in `_gathered` (for the pool) or streamed
         # through `_encoder`; `_fresh` while nothing of it has been written yet.
         self._gathered: bytearray | None = None
-        self._encoder = self._new_encoder()
+        self._encoder = _new_encoder(self._compression, self._level)
         self._fresh = True
 
     def __enter__(self) -> CompressingWriter:
@@ -477,9 +477,6 @@ class CompressingWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _new_encoder(self) -> _Encoder | None:
-        return _new_encoder(self._compression, self._level)
 
     def start_members_at(self, offsets: Iterable[int]) -> None:
         """Start a new member at each offset (ahead of `position`) as writing reaches it."""
@@ -524,7 +521,7 @@ class CompressingWriter:
             self._encoder = None
         else:
             self._gathered = None
-            self._encoder = self._new_encoder()
+            self._encoder = _new_encoder(self._compression, self._level)
 
     def _end_member(self) -> None:
         if self._gathered is not None:
@@ -537,13 +534,15 @@ class CompressingWriter:
 
     def _submit(self, member: bytearray) -> None:
         assert self._pool is not None
-        result: Future[bytes] = Future()
         size = len(member)
-        if size in self._zero_members and member == self._zeros(size):
+        zeros = member == self._zeros(size)  # a memcmp, ending at the first non-zero byte
+        result: Future[bytes]
+        if zeros and size in self._zero_members:
+            result = Future()
             result.set_result(self._zero_members[size])
         else:
             result = self._pool.submit(_compress_member, self._compression, self._level, member)
-            if size not in self._zero_members and member == self._zeros(size):
+            if zeros:
                 self._zero_members[size] = result.result()
         self._results.append(result)
         self._drain(self._ahead)

@@ -25,7 +25,6 @@ from pathlib import Path
 import zstandard
 
 from convert.errors import ImageError
-from convert.layout import Partition
 from convert.mbr import MbrPlan
 from otad.process import run
 
@@ -65,13 +64,6 @@ class LabelUse:
 def has_firmware_hook(root: Path) -> bool:
     """Whether Debian's raspi-firmware hooks (or their configuration) are in the root."""
     return any((root / path).exists() for path in (FIRMWARE_DEFAULTS, *FIRMWARE_HOOKS))
-
-
-def filesystem_label(image: Path, partition: Partition) -> str:
-    """The label of the filesystem on `partition` of `image` ("" when it has none)."""
-    result = run(["blkid", "-p", "-o", "export", "-O", str(partition.offset), image], check=False)
-    fields = dict(line.split("=", 1) for line in result.stdout.decode().splitlines() if "=" in line)
-    return fields.get("LABEL", "")
 
 
 def label_uses(root: Path, cmdline: str) -> list[LabelUse]:
@@ -203,11 +195,16 @@ def neutralize_initrd_resize(root: Path) -> list[str]:
     ):
         if initrd.is_symlink() or not initrd.is_file():
             continue  # a link to one of the others, which are handled themselves
-        if has_member(initrd.read_bytes(), RESIZE_SCRIPT):
+        where = f"/{initrd.relative_to(root).as_posix()}"
+        try:
+            found = has_member(initrd.read_bytes(), RESIZE_SCRIPT)
+        except ImageError as error:
+            raise ImageError(f"the initrd {where} cannot be read: {error}") from None
+        if found:
             with initrd.open("ab") as stream:
                 stream.write(bytes(-stream.tell() % 512))  # archives start 4-byte aligned
                 stream.write(newc_archive({RESIZE_SCRIPT: RESIZE_STUB}))
-            changed.append(f"/{initrd.relative_to(root).as_posix()}")
+            changed.append(where)
     return changed
 
 
@@ -239,7 +236,15 @@ def _segments(data: bytes) -> list[bytes]:
 
 
 def _decompress(data: bytes) -> bytes:
-    """One compressed archive at the start of `data`; what follows it is ignored."""
+    """One compressed archive at the start of `data`; what follows it is ignored.
+    ImageError when it is corrupt."""
+    try:
+        return _decompress_one(data)
+    except (zlib.error, lzma.LZMAError, zstandard.ZstdError) as error:
+        raise ImageError(f"its compressed archive is corrupt ({error})") from None
+
+
+def _decompress_one(data: bytes) -> bytes:
     if data.startswith(b"\x1f\x8b"):
         return zlib.decompressobj(wbits=31).decompress(data)
     if data.startswith(b"\xfd7zXZ\x00"):

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from convert import rpi_debian
 from convert.errors import ImageError
@@ -152,3 +153,16 @@ def test_only_initrds_with_the_resize_script_are_changed(tmp_path: Path) -> None
     assert changed == ["/boot/firmware/initrd.img-1", "/boot/initrd.img-1"]
     assert (root / "boot/initrd.img-2").read_bytes() == without
     assert (root / "boot/initrd.img-1").read_bytes().startswith(with_resize)
+
+
+def test_a_corrupt_initrd_is_a_clear_error_and_stays_as_it_was(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "boot").mkdir(parents=True)
+    good = zstandard.ZstdCompressor().compress(b"070701" + bytes(100_000))
+    corrupt = good[:20] + b"not what zstd wrote" + good[40:]
+    (root / "boot/initrd.img-1").write_bytes(corrupt)
+
+    with pytest.raises(ImageError, match=r"the initrd /boot/initrd.img-1 cannot be read: its "
+                       r"compressed archive is corrupt \(zstd"):  # fmt: skip
+        rpi_debian.neutralize_initrd_resize(root)
+    assert (root / "boot/initrd.img-1").read_bytes() == corrupt
